@@ -1,0 +1,152 @@
+"""Host-side input validation shared by every public entry point (DESIGN.md, "Bad input").
+
+Each check raises ValueError/TypeError with the offending argument's name in the message.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .reference import IMPORTANCE_LEVELS, LOSS_TYPES, SCALE_REWARDS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(x, name: str, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def floating(x: torch.Tensor, name: str) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dtype == torch.float16 and x.device.type == "cpu":
+        raise TypeError(f"{name}: float16 is not supported on CPU; use bfloat16 or float32")
+
+
+def same_device(name: str, ref: torch.Tensor, *others: tuple[str, torch.Tensor | None]) -> None:
+    for other_name, t in others:
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{other_name} is on {t.device} but {name} is on {ref.device}")
+
+
+def shape(x: torch.Tensor | None, name: str, expected: tuple[int, ...]) -> None:
+    if x is not None and tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def ids_in_range(ids: torch.Tensor, vocab_size: int, name: str) -> None:
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{name} has values outside [0, {vocab_size}): min {int(ids.min())}, max {int(ids.max())}")
+
+
+def finite(x: torch.Tensor | None, name: str) -> None:
+    if x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def positive_number(x, name: str) -> None:
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {x!r}")
+
+
+def choice(x, name: str, options: tuple[str, ...]) -> None:
+    if x not in options:
+        raise ValueError(f"{name} must be one of {options}, got {x!r}")
+
+
+def group_size(rewards: torch.Tensor, group_size, name: str = "group_size") -> None:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"{name} must be a positive int, got {group_size!r}")
+    if rewards.shape[0] % group_size != 0:
+        raise ValueError(f"{name}={group_size} does not divide the batch of {rewards.shape[0]} rows")
+
+
+def rewards(r: torch.Tensor, gsize, scale_rewards: str, eps: float = 1e-4) -> None:
+    tensor(r, "rewards", ndim=1)
+    if not r.is_floating_point():
+        raise TypeError(f"rewards must be a floating tensor, got {r.dtype}")
+    finite(r, "rewards")
+    group_size(r, gsize)
+    choice(scale_rewards, "scale_rewards", SCALE_REWARDS)
+    positive_number(eps, "eps")
+
+
+def loss_options(
+    *,
+    beta: float,
+    epsilon: float,
+    epsilon_high: float | None,
+    delta: float | None,
+    temperature: float,
+    loss_type: str,
+    importance_sampling_level: str,
+    max_completion_length: int | None,
+    ref_logps: torch.Tensor | None,
+) -> None:
+    choice(loss_type, "loss_type", LOSS_TYPES)
+    choice(importance_sampling_level, "importance_sampling_level", IMPORTANCE_LEVELS)
+    positive_number(temperature, "temperature")
+    positive_number(epsilon, "epsilon")
+    if epsilon_high is not None:
+        positive_number(epsilon_high, "epsilon_high")
+    if delta is not None:
+        positive_number(delta, "delta")
+    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if beta != 0 and ref_logps is None:
+        raise ValueError("ref_logps is required when beta != 0")
+    if max_completion_length is not None and (not isinstance(max_completion_length, int) or max_completion_length < 1):
+        raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
+
+
+def token_inputs(
+    B: int,
+    T: int,
+    device: torch.device,
+    *,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor | None,
+    rewards_: torch.Tensor | None,
+    group_size_: int | None,
+    scale_rewards: str,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    num_items_in_batch,
+) -> None:
+    """Checks the per-row and per-token companions of a (B, T) batch of completions."""
+    tensor(completion_mask, "completion_mask", ndim=2)
+    shape(completion_mask, "completion_mask", (B, T))
+    if (advantages is None) == (rewards_ is None):
+        raise ValueError("pass exactly one of advantages or rewards (with group_size)")
+    if advantages is not None:
+        tensor(advantages, "advantages", ndim=1)
+        shape(advantages, "advantages", (B,))
+        floating(advantages, "advantages")
+        finite(advantages, "advantages")
+    else:
+        if group_size_ is None:
+            raise ValueError("group_size is required with rewards")
+        shape(tensor(rewards_, "rewards", ndim=1), "rewards", (B,))
+        rewards(rewards_, group_size_, scale_rewards)
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if t is not None:
+            tensor(t, name, ndim=2)
+            shape(t, name, (B, T))
+            floating(t, name)
+    names = ("completion_mask", "advantages", "rewards", "old_logps", "ref_logps")
+    tensors = (completion_mask, advantages, rewards_, old_logps, ref_logps)
+    for name, t in zip(names, tensors):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the model inputs are on {device}")
+    if num_items_in_batch is not None:
+        n = float(num_items_in_batch)
+        if not math.isfinite(n) or n <= 0:
+            raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")

@@ -1,0 +1,73 @@
+"""Memory-frugal torch path over materialized logits, used where no Triton kernel runs (plain CPU).
+
+Rows of the (N, V) logits are processed in chunks, so the extra memory is O(chunk * V) plus O(N):
+forward saves only the per-token log-sum-exp; backward recomputes softmax chunk by chunk and writes
+the gradient straight into its (N, V) output (or into the logits buffer with `inplace_backward`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 22  # 4M fp32 temporaries (16 MB) per chunk
+
+
+def _chunk_rows(V: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(V, 1))
+
+
+def logsumexp_entropy(logits2d: torch.Tensor, temperature: float, with_entropy: bool):
+    """Per-row log-sum-exp of logits/temperature (N,), and the entropy (N,) when asked; fp32."""
+    N, V = logits2d.shape
+    lse = torch.empty(N, dtype=torch.float32, device=logits2d.device)
+    ent = torch.empty(N, dtype=torch.float32, device=logits2d.device) if with_entropy else None
+    step = _chunk_rows(V)
+    for s in range(0, N, step):
+        x = logits2d[s : s + step].float() / temperature  # (n, V)
+        lse[s : s + step] = torch.logsumexp(x, dim=-1)
+        if with_entropy:
+            p = torch.softmax(x, dim=-1)
+            ent[s : s + step] = lse[s : s + step] - (p * x).sum(-1)
+    return lse, ent
+
+
+class ChunkedSelectiveLogSoftmax(torch.autograd.Function):
+    """logp = logits[id] / T - lse, with dlogits = g * (onehot - softmax) / T written chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, logits2d, ids1d, temperature, inplace_backward):
+        lse, _ = logsumexp_entropy(logits2d, temperature, with_entropy=False)
+        target = logits2d.gather(1, ids1d.unsqueeze(1)).squeeze(1).float() / temperature
+        ctx.save_for_backward(logits2d, ids1d, lse)
+        ctx.temperature, ctx.inplace = temperature, inplace_backward
+        return target - lse  # (N,) fp32
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        logits2d, ids1d, lse = ctx.saved_tensors
+        T = ctx.temperature
+        grad = logits2d if ctx.inplace else torch.empty_like(logits2d)  # (N, V): the only N*V tensor
+        step = _chunk_rows(logits2d.shape[1])
+        for s in range(0, logits2d.shape[0], step):
+            g = grad_logp[s : s + step].float().unsqueeze(1)  # (n, 1)
+            p = torch.exp(logits2d[s : s + step].float() / T - lse[s : s + step].unsqueeze(1))  # (n, V)
+            d = -g * p
+            d.scatter_add_(1, ids1d[s : s + step].unsqueeze(1), g)
+            grad[s : s + step] = (d / T).to(grad.dtype)
+        return grad, None, None, None
+
+
+def selective_log_softmax(
+    logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, inplace_backward: bool = False
+) -> torch.Tensor:
+    """Chunked log_softmax(logits / T)[ids]: (..., V), (...) -> (...) fp32."""
+    V = logits.shape[-1]
+    out = ChunkedSelectiveLogSoftmax.apply(logits.reshape(-1, V), ids.reshape(-1), float(temperature), inplace_backward)
+    return out.view(ids.shape)
+
+
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """No-grad chunked entropy of softmax(logits / T): (..., V) -> (...) fp32."""
+    with torch.no_grad():
+        _, ent = logsumexp_entropy(logits.detach().reshape(-1, logits.shape[-1]), temperature, True)
+    return ent.view(logits.shape[:-1])
