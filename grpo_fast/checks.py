@@ -150,3 +150,44 @@ def token_inputs(
         n = float(num_items_in_batch)
         if not math.isfinite(n) or n <= 0:
             raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+
+
+def grpo_batch(B: int, T: int, V: int, device: torch.device, completion_ids, completion_mask, **kw) -> None:
+    """Every check of a GRPO loss call over a (B, T) batch scored against a vocabulary of V.
+
+    `kw` holds grpo_loss's keywords (advantages, rewards, group_size, scale_rewards, old_logps, ref_logps,
+    num_items_in_batch, beta, epsilon, epsilon_high, delta, temperature, loss_type,
+    importance_sampling_level, max_completion_length).
+    """
+    tensor(completion_ids, "completion_ids", ndim=2)
+    shape(completion_ids, "completion_ids", (B, T))
+    if completion_ids.device != device:
+        raise ValueError(f"completion_ids is on {completion_ids.device} but the model inputs are on {device}")
+    ids_in_range(completion_ids, V, "completion_ids")
+    token_names = ("advantages", "rewards", "group_size", "scale_rewards", "old_logps", "ref_logps")
+    token = {k: kw[k] for k in token_names + ("num_items_in_batch",)}
+    token["rewards_"], token["group_size_"] = token.pop("rewards"), token.pop("group_size")
+    token_inputs(B, T, device, completion_mask=completion_mask, **token)
+    option_names = ("beta", "epsilon", "epsilon_high", "delta", "temperature", "loss_type")
+    option_names += ("importance_sampling_level", "max_completion_length", "ref_logps")
+    loss_options(**{k: kw[k] for k in option_names})
+
+
+def linear_head(hidden, weight, bias, ids, ids_name: str = "ids") -> None:
+    """hidden (..., H) and ids (...) against an LM head weight (V, H) and bias (V,) or None."""
+    tensor(hidden, "hidden")
+    tensor(weight, "weight", ndim=2)
+    tensor(ids, ids_name)
+    floating(hidden, "hidden")
+    floating(weight, "weight")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden's last dimension must equal weight's H={weight.shape[1]}, got {tuple(hidden.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    shape(ids, ids_name, tuple(hidden.shape[:-1]))
+    same_device("hidden", hidden, ("weight", weight), (ids_name, ids), ("bias", bias))
+    if bias is not None:
+        tensor(bias, "bias", ndim=1)
+        shape(bias, "bias", (weight.shape[0],))
+        floating(bias, "bias")
+    ids_in_range(ids, weight.shape[0], ids_name)

@@ -1,0 +1,251 @@
+"""Fused linear GRPO loss: final hidden states -> log-probs -> loss, never materializing the logits.
+
+Public: `fused_linear_logps` and `fused_linear_grpo_loss`. Each validates on the host, then runs the
+Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1; `grpo_fast.kernels.fused_linear_grpo`) or the
+chunked torch path below (plain CPU, and float64). The O(B*T) GRPO terms are `reference.py`'s, with
+autograd over the (B, T) log-probs only.
+
+Chunked torch path: tokens in chunks of n rows, vocabulary in chunks of v columns, an online
+log-sum-exp (and entropy) across the vocabulary chunks. Its temporaries are a few (n, v) and (v, H)
+fp32 tiles, CHUNK_ELEMENTS each (4 MB), plus O(N) per-token values: never O(N * V). Backward
+recomputes the logit tiles from the saved per-token lse (2*N*H*V FLOPs) and adds dHidden (2*N*H*V)
+and, only when the head requires grad, dWeight (2*N*H*V) into an fp32 (V, H) accumulator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import checks, reference
+from .backend import use_triton
+
+CHUNK_ELEMENTS = 1 << 20  # 1M fp32 elements (4 MB) per temporary tile
+TOKEN_CHUNK = 1024  # rows per token chunk: its (n, H) fp32 dHidden accumulator is the other temporary
+
+
+def _steps(N: int, V: int, H: int) -> tuple[int, int]:
+    """Token chunk n and vocabulary chunk v so that (n, v) and (v, H) tiles hold CHUNK_ELEMENTS."""
+    n = max(1, min(N, TOKEN_CHUNK))
+    return n, max(1, min(V, CHUNK_ELEMENTS // max(n, H)))
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def _logit_tile(h, weight, bias, v0: int, v1: int, temperature: float) -> torch.Tensor:
+    """(h @ weight[v0:v1].T + bias[v0:v1]) / temperature in h's dtype: (n, H) -> (n, v)."""
+    x = h @ weight[v0:v1].to(h.dtype).T  # (n, v)
+    if bias is not None:
+        x = x + bias[v0:v1].to(h.dtype)
+    return x / temperature
+
+
+def _target_logit(h, weight, bias, ids, temperature: float) -> torch.Tensor:
+    """The logit of each row's id: (n, H), (n,) -> (n,)."""
+    x = (h * weight[ids].to(h.dtype)).sum(-1)
+    if bias is not None:
+        x = x + bias[ids].to(h.dtype)
+    return x / temperature
+
+
+def _lse_entropy(h, weight, bias, temperature: float, vstep: int, with_entropy: bool):
+    """Online log-sum-exp (n,) and entropy (n,) (or None) over vocabulary chunks."""
+    m = h.new_full((h.shape[0],), float("-inf"))
+    s, t = h.new_zeros(h.shape[0]), h.new_zeros(h.shape[0])  # sum exp(x - m), sum exp(x - m) * x
+    for v0 in range(0, weight.shape[0], vstep):
+        x = _logit_tile(h, weight, bias, v0, v0 + vstep, temperature)  # (n, v)
+        m_new = torch.maximum(m, x.amax(-1))
+        scale = torch.exp(m - m_new)
+        e = torch.exp(x - m_new.unsqueeze(1))
+        s = s * scale + e.sum(-1)
+        if with_entropy:
+            t = t * scale + (e * x).sum(-1)
+        m = m_new
+    lse = m + torch.log(s)
+    return lse, (lse - t / s if with_entropy else None)
+
+
+@torch.no_grad()
+def chunked_logps(hidden2d, weight, bias, ids1d, temperature: float, with_entropy: bool):
+    """logp (N,), lse (N,) and entropy (N,) or None, chunked over tokens and vocabulary."""
+    N, H = hidden2d.shape
+    n, v = _steps(N, weight.shape[0], H)
+    dtype = _compute_dtype(hidden2d)
+    logp, lse = hidden2d.new_empty(N, dtype=dtype), hidden2d.new_empty(N, dtype=dtype)
+    ent = hidden2d.new_empty(N, dtype=dtype) if with_entropy else None
+    for s in range(0, N, n):
+        h = hidden2d[s : s + n].to(dtype)  # (n, H)
+        lse[s : s + n], e = _lse_entropy(h, weight, bias, temperature, v, with_entropy)
+        logp[s : s + n] = _target_logit(h, weight, bias, ids1d[s : s + n], temperature) - lse[s : s + n]
+        if with_entropy:
+            ent[s : s + n] = e
+    return logp, lse, ent
+
+
+@torch.no_grad()
+def chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, temperature: float, needs: tuple):
+    """dHidden, dWeight, dBias (each None unless in `needs`) of sum(grad_logp * logp).
+
+    dlogits = g * (onehot - softmax) / T; the onehot part is a gather/index_add, the softmax part is
+    recomputed tile by tile.
+    """
+    N, H = hidden2d.shape
+    n, v = _steps(N, weight.shape[0], H)
+    dtype = _compute_dtype(hidden2d)
+    dh = torch.empty_like(hidden2d) if needs[0] else None
+    dw = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needs[1] else None  # (V, H)
+    db = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if needs[2] else None
+    for s in range(0, N, n):
+        h, ids = hidden2d[s : s + n].to(dtype), ids1d[s : s + n]  # (n, H), (n,)
+        g = grad_logp[s : s + n].to(dtype) / temperature  # (n,)
+        dh_c = g.unsqueeze(1) * weight[ids].to(dtype) if needs[0] else None  # (n, H) fp32
+        if needs[1]:
+            dw.index_add_(0, ids, g.unsqueeze(1) * h)
+        if needs[2]:
+            db.index_add_(0, ids, g)
+        for v0 in range(0, weight.shape[0], v):
+            x = _logit_tile(h, weight, bias, v0, v0 + v, temperature)  # (n, v)
+            d = -g.unsqueeze(1) * torch.exp(x - lse[s : s + n].unsqueeze(1))  # (n, v) dlogits, softmax part
+            if needs[0]:
+                dh_c += d @ weight[v0 : v0 + v].to(dtype)
+            if needs[1]:
+                dw[v0 : v0 + v] += d.T @ h
+            if needs[2]:
+                db[v0 : v0 + v] += d.sum(0)
+        if needs[0]:
+            dh[s : s + n] = dh_c.to(dh.dtype)
+    return dh, _cast(dw, weight.dtype), _cast(db, None if bias is None else bias.dtype)
+
+
+def _cast(x, dtype):
+    return None if x is None else x.to(dtype)
+
+
+class ChunkedLinearLogps(torch.autograd.Function):
+    """logp = log_softmax((hidden @ W.T + b) / T)[ids] (N,), entropy (N,) as a non-differentiable side output."""
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, ids1d, temperature, with_entropy):
+        logp, lse, ent = chunked_logps(hidden2d, weight, bias, ids1d, temperature, with_entropy)
+        ctx.save_for_backward(hidden2d, weight, bias, ids1d, lse)
+        ctx.temperature = temperature
+        ent = ent if with_entropy else logp.new_empty(0)
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden2d, weight, bias, ids1d, lse = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        dh, dw, db = chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, ctx.temperature, needs)
+        return dh, dw, db, None, None, None
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _logps_entropy(hidden, weight, bias, ids, temperature: float, with_entropy: bool):
+    """Dispatch: (..., H) -> logp (...) fp32 (fp64 for fp64 inputs), entropy (...) or None."""
+    H = hidden.shape[-1]
+    h2, i1 = hidden.reshape(-1, H), ids.reshape(-1)
+    if use_triton(hidden) and hidden.dtype != torch.float64:
+        from grpo_fast.kernels.fused_linear_grpo import linear_logps as kernel
+
+        logp, ent = kernel(h2, weight, bias, i1, float(temperature), with_entropy)
+    elif _needs_grad(hidden, weight, bias):
+        logp, ent = ChunkedLinearLogps.apply(h2, weight, bias, i1, float(temperature), with_entropy)
+    else:  # no-grad fast path (old / reference log-probs): nothing saved
+        logp, _, ent = chunked_logps(h2, weight, bias, i1, float(temperature), with_entropy)
+    return logp.view(ids.shape), (ent.view(ids.shape) if with_entropy else None)
+
+
+def fused_linear_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log_softmax((hidden @ weight.T + bias) / temperature)[ids] without materializing the logits.
+
+    Args:
+        hidden: (..., H) bf16/fp16(CUDA)/fp32/fp64; weight: (V, H) in hidden's dtype; bias: (V,) or None.
+        ids: (...) int32/int64 in [0, V).
+    Returns:
+        logps (...) fp32 (fp64 for fp64 inputs), differentiable to hidden, weight and bias (each only if
+        it requires grad). Under torch.no_grad (old / reference log-probs) nothing is saved.
+    """
+    checks.linear_head(hidden, weight, bias, ids, "ids")
+    checks.positive_number(temperature, "temperature")
+    return _logps_entropy(hidden, weight, bias, ids, temperature, with_entropy=False)[0]
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    advantages: torch.Tensor | None = None,
+    rewards: torch.Tensor | None = None,
+    group_size: int | None = None,
+    scale_rewards: str = "group",
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    temperature: float = 1.0,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss of `grpo_fast.grpo_loss(hidden @ weight.T + bias, ...)` without the (B, T, V) logits.
+
+    Args:
+        hidden: (B, T, H) final hidden states; `hidden[:, t]` scores `completion_ids[:, t]`.
+        weight: (V, H) LM head (may be tied to the embeddings), hidden's dtype; bias: (V,) or None.
+        completion_ids: (B, T) int; completion_mask: (B, T) {0, 1}.
+        advantages: (B,), or `rewards` (B,) with `group_size` (and `scale_rewards`) to compute them.
+        old_logps, ref_logps: (B, T) log-probs of the sampling and the reference policy.
+    Returns:
+        (loss, metrics): a scalar, and detached scalars kl, entropy, clip_ratio_low/high/region,
+        ratio_mean. Gradients reach hidden, and weight/bias only when they require grad.
+    """
+    checks.tensor(hidden, "hidden", ndim=3)
+    checks.linear_head(hidden, weight, bias, completion_ids, "completion_ids")
+    B, T, _ = hidden.shape
+    options = dict(
+        old_logps=old_logps,
+        ref_logps=ref_logps,
+        beta=beta,
+        epsilon=epsilon,
+        epsilon_high=epsilon_high,
+        delta=delta,
+        loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level,
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+    )
+    batch = dict(advantages=advantages, rewards=rewards, group_size=group_size, scale_rewards=scale_rewards)
+    checks.grpo_batch(
+        B,
+        T,
+        weight.shape[0],
+        hidden.device,
+        completion_ids,
+        completion_mask,
+        temperature=temperature,
+        **batch,
+        **options,
+    )
+    logps, entropy = _logps_entropy(hidden, weight, bias, completion_ids, temperature, with_entropy=True)
+    if advantages is None:
+        advantages = reference.group_advantages(rewards.to(logps.dtype), group_size, scale_rewards)
+    return reference.grpo_loss_from_logps(logps, completion_mask, advantages, entropy=entropy, **options)
