@@ -1,0 +1,257 @@
+"""grpo-fast's fused linear GRPO loss inside TRL: `FastGRPOTrainer`, a drop-in for `trl.GRPOTrainer`.
+
+    from grpo_fast.integrations.trl import FastGRPOTrainer  # instead of: from trl import GRPOTrainer
+
+Everything but the loss is TRL's: generation (vLLM or transformers), rewards, advantages, old and
+reference log-probs, accelerate / DeepSpeed / FSDP wrapping, logging. The policy forward runs the
+model only up to its final hidden states (B, P+C, H); the positions that score the C completion tokens
+go with the LM head weight into `grpo_fast.fused_linear_grpo_loss`, so neither the (B, C, V) logits nor
+their gradient are ever in memory. The model is still called through its wrappers (DDP, DeepSpeed,
+PEFT, autocast) with an extra keyword read by a patched `forward`, as TRL itself does for its fused head.
+
+Supported: loss types grpo, bnpo, dr_grpo, dapo; importance sampling at token or sequence level; beta,
+epsilon, epsilon_high, delta, temperature, tool masks, LoRA (not on the LM head). Rejected at init with
+a ValueError naming the option: other loss types, vLLM importance-sampling correction, entropy masks and
+bonuses, off-policy masks, KL bias correction, MoE aux loss, logit soft-capping, vision-language models.
+
+Logged metrics are TRL's (entropy, kl, clip_ratio/*). `clip_ratio/low_min` and `clip_ratio/high_max`
+need per-token ratios: when old log-probs are given (off-policy steps), they cost one extra no-grad
+`fused_linear_logps` pass (2*N*H*V FLOPs, O(N) memory).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from packaging.version import Version
+
+from grpo_fast.fused_linear import fused_linear_grpo_loss, fused_linear_logps
+
+TRL_MIN, TRL_MAX = "1.10.0", "1.17.0"  # tested: 1.10.0, 1.13.0, 1.16.0 (_compute_loss is version-specific)
+SUPPORTED_TRL = f"trl>={TRL_MIN},<{TRL_MAX}"
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+_VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids")
+
+
+def check_trl_version(version: str) -> None:
+    """Raise ImportError unless `version` (trl.__version__) lies in the supported range."""
+    if not Version(TRL_MIN) <= Version(version) < Version(TRL_MAX):
+        raise ImportError(
+            f"grpo_fast.integrations.trl supports {SUPPORTED_TRL}, but trl {version} is installed; "
+            f"install a supported version: pip install 'grpo-fast[trl]'"
+        )
+
+
+try:
+    import trl as _trl
+except ImportError:  # the module imports without trl; FastGRPOTrainer() then raises
+    _trl = None
+
+if _trl is not None:
+    check_trl_version(_trl.__version__)
+    from accelerate.utils import is_peft_model
+    from trl import GRPOTrainer as _GRPOTrainer
+    from trl.trainer.utils import nanmax, nanmin
+else:
+    _GRPOTrainer = object
+
+
+def _unsupported_options(trainer) -> list[str]:
+    """TRL options whose math fused_linear_grpo_loss does not implement, as 'name=value' strings."""
+    args = trainer.args
+    checks = {
+        "loss_type": trainer.loss_type not in LOSS_TYPES,
+        "top_entropy_quantile": trainer.top_entropy_quantile < 1.0,
+        "entropy_coef": trainer._entropy_bonus_enabled,
+        "off_policy_mask_threshold": trainer.off_policy_mask_threshold is not None,
+        "use_bias_correction_kl": args.use_bias_correction_kl and trainer.beta != 0.0,
+        "vllm_importance_sampling_correction": trainer.use_vllm and trainer.vllm_importance_sampling_correction,
+        "router_aux_loss_coef": trainer.aux_loss_enabled,
+    }
+    return [f"{name}={getattr(trainer, name, getattr(args, name, None))!r}" for name, bad in checks.items() if bad]
+
+
+def _check_model(model) -> None:
+    """Text-only causal LMs whose logits are hidden @ W^T (+ b), times a scale; LM head not LoRA-wrapped."""
+    text_config = model.config.get_text_config()
+    if text_config is not model.config:
+        raise ValueError("FastGRPOTrainer supports text-only models; use trl.GRPOTrainer for vision-language models")
+    if getattr(text_config, "final_logit_softcapping", None) is not None:
+        raise ValueError("FastGRPOTrainer does not support final_logit_softcapping (e.g. Gemma 2); use trl.GRPOTrainer")
+    lm_head = model.get_output_embeddings()
+    if hasattr(lm_head, "lora_A") or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
+        raise ValueError("FastGRPOTrainer needs a plain linear LM head: remove lm_head from the LoRA target_modules")
+
+
+def _logit_scale(config) -> float:
+    """The multiplier some models apply to hidden @ W^T (TRL's list); folded into the temperature."""
+    config = config.get_text_config()
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(config, name, None) is not None:
+            return float(getattr(config, name))
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is None:
+        return 1.0
+    return float(scaling) if config.model_type == "hyperclovax" else 1.0 / float(scaling)
+
+
+def _head_tensors(model, hidden: torch.Tensor, cast_fp32: bool):
+    """LM head weight (V, H), bias (V,) or None, and hidden cast to the dtype the head runs in."""
+    lm_head = model.get_output_embeddings()
+    weight, bias = lm_head.weight, lm_head.bias
+    if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters as DTensors: gather the head (V*H elements)
+        weight = weight.full_tensor()
+        bias = None if bias is None else bias.full_tensor()
+    if cast_fp32:
+        dtype = torch.float32
+    elif torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)  # what nn.Linear would run in under autocast
+    else:
+        dtype = weight.dtype
+    cast = lambda t: None if t is None else t.to(dtype)
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _fused_grpo_head(model, spec: dict, temperature: float, cast_fp32: bool, args, kwargs):
+    """Backbone to hidden states, then the fused loss; returns (loss, metrics, no-grad logps or None)."""
+    kwargs["use_cache"] = False
+    hidden = model.base_model(*args, **kwargs).last_hidden_state  # (B, P+C, H)
+    ids, mask = spec.pop("completion_ids"), spec.pop("completion_mask")
+    hidden = hidden[:, -ids.shape[1] - 1 : -1]  # (B, C, H): position t-1 scores completion token t
+    hidden, weight, bias = _head_tensors(model, hidden, cast_fp32)
+    ids, mask = ids.to(weight.device), mask.to(weight.device)
+    want_logps = spec.pop("return_logps")
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, metrics = fused_linear_grpo_loss(hidden, weight, ids, mask, bias=bias, temperature=temperature, **spec)
+        logps = None
+        if want_logps:
+            with torch.no_grad():
+                logps = fused_linear_logps(hidden, weight, ids, bias=bias, temperature=temperature)  # (B, C)
+    return loss, metrics, logps
+
+
+def add_fused_grpo_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False) -> None:
+    """Patch `model.forward`: called with `grpo_fast_loss=spec` it returns (loss, metrics, logps) from
+    the fused linear GRPO loss; otherwise it is the previous forward (generation is unchanged)."""
+    _check_model(model)
+    previous_forward = model.forward
+    temperature = temperature / _logit_scale(model.config)  # softmax(s * z / T) = softmax(z / (T / s))
+
+    @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
+    def forward(self, *args, grpo_fast_loss=None, **kwargs):
+        if grpo_fast_loss is None:
+            return previous_forward(*args, **kwargs)
+        return _fused_grpo_head(self, dict(grpo_fast_loss), temperature, cast_lm_head_to_fp32, args, kwargs)
+
+    model.forward = types.MethodType(forward, model)
+
+
+class FastGRPOTrainer(_GRPOTrainer):
+    """`trl.GRPOTrainer` whose loss is grpo-fast's fused linear GRPO loss (no logits in memory).
+
+    Same constructor, config (`trl.GRPOConfig`), loss values, gradients and logged metrics as
+    `trl.GRPOTrainer` for the supported options (module docstring). Requires trl>=1.10,<1.17.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if _trl is None:
+            raise ImportError(f"FastGRPOTrainer needs {SUPPORTED_TRL}: pip install 'grpo-fast[trl]'")
+        super().__init__(*args, **kwargs)
+        self._check_supported()
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        add_fused_grpo_head(base, self.temperature, self.args.cast_lm_head_to_fp32)
+
+    def _check_supported(self) -> None:
+        bad = _unsupported_options(self)
+        if bad:
+            raise ValueError(
+                f"FastGRPOTrainer does not support {', '.join(bad)}; "
+                f"supported loss_type: {LOSS_TYPES}. Use trl.GRPOTrainer for these options."
+            )
+
+    def _loss_spec(self, inputs: dict, mask: torch.Tensor, mode: str) -> dict:
+        """Keywords of fused_linear_grpo_loss reproducing TRL's _compute_loss, normalizers included."""
+        advantages = inputs["advantages"]
+        if advantages.dim() != 1:
+            raise ValueError(f"advantages must have shape (B,), got {tuple(advantages.shape)}")
+        num_items = None
+        if self.loss_type == "dapo":  # TRL: the generation batch's token count, per process and accumulation step
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        old_logps = inputs.get("old_per_token_logps")
+        return dict(
+            completion_ids=inputs["completion_ids"],
+            completion_mask=mask,
+            advantages=advantages,
+            old_logps=old_logps,
+            ref_logps=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
+            beta=self.beta,
+            epsilon=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=self.args.delta,
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length,
+            num_items_in_batch=num_items,
+            return_logps=old_logps is not None,
+        )
+
+    def _compute_loss(self, model, inputs):
+        self._check_supported()
+        if any(inputs.get(k) is not None for k in _VISION_KEYS):
+            raise ValueError("FastGRPOTrainer supports text-only inputs; use trl.GRPOTrainer for images")
+        completion_mask = inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]  # (B, C)
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)  # (B, P+C)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        mode = "train" if self.model.training else "eval"
+        spec = self._loss_spec(inputs, mask, mode)
+        with self.accelerator.autocast():
+            loss, metrics, logps = model(input_ids=input_ids, attention_mask=attention_mask, grpo_fast_loss=spec)
+        if self.loss_type != "dapo" and mode == "train":  # TRL scales these for gradient accumulation
+            loss = loss / self.current_gradient_accumulation_steps
+        self._log_fused_metrics(mode, metrics, mask.float(), inputs, logps)
+        return loss
+
+    def _global_mean(self, local_mean: torch.Tensor, count: torch.Tensor) -> float:
+        """TRL's global_masked_mean from a local mean over `count` items: sums and counts reduced over ranks."""
+        local = torch.stack([local_mean.float() * count, count.float()])
+        totals = self.accelerator.reduce(local, reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    def _log_fused_metrics(self, mode: str, metrics: dict, mask: torch.Tensor, inputs: dict, logps) -> None:
+        tokens = mask.sum()
+        log = self._metrics[mode]
+        if self.beta != 0.0:
+            log["kl"].append(self._global_mean(metrics["kl"], tokens))
+        log["entropy"].append(self._global_mean(metrics["entropy"], tokens))
+        clip_count = tokens if self.importance_sampling_level == "token" else tokens.new_tensor(float(mask.shape[0]))
+        for name in ("low", "high", "region"):
+            log[f"clip_ratio/{name}_mean"].append(self._global_mean(metrics[f"clip_ratio_{name}"], clip_count))
+        low_rows, high_rows = self._row_clip_fractions(mask, inputs, logps)
+        log["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low_rows)).item())
+        log["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high_rows)).item())
+
+    def _row_clip_fractions(self, mask: torch.Tensor, inputs: dict, logps):
+        """Per-row fractions of low- and high-clipped tokens (B,), as TRL's masked_seq_mean computes them."""
+        old = inputs.get("old_per_token_logps")
+        if old is None:  # on-policy: the ratio is exactly 1, nothing clips; empty rows give NaN as in TRL
+            zero = torch.zeros(mask.shape[0], device=mask.device)
+            return (zero, zero) if self.importance_sampling_level == "sequence" else (zero / mask.sum(-1),) * 2
+        log_ratio = logps - old  # (B, C)
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
+        ratio, adv = torch.exp(log_ratio), inputs["advantages"].unsqueeze(1)
+        if self.args.delta is not None:  # TRL flags clipping on the delta-capped ratio
+            ratio = ratio.clamp(max=self.args.delta)
+        low = ((ratio < 1 - self.epsilon_low) & (adv < 0)).float()
+        high = ((ratio > 1 + self.epsilon_high) & (adv > 0)).float()
+        if self.importance_sampling_level == "sequence":
+            return low.squeeze(1), high.squeeze(1)
+        return (low * mask).sum(-1) / mask.sum(-1), (high * mask).sum(-1) / mask.sum(-1)
+
+
+__all__ = ["FastGRPOTrainer", "add_fused_grpo_head", "check_trl_version", "SUPPORTED_TRL"]

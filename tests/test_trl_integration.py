@@ -1,0 +1,207 @@
+"""FastGRPOTrainer against TRL's own GRPOTrainer: same batch, same loss, gradients and metrics.
+
+A tiny Qwen2 (GQA, 2 layers) is saved with save_pretrained and loaded by path by both trainers; the
+batch comes from TRL's own generation and scoring, then gets off-policy old and reference log-probs
+(current + noise) so that ratios clip low, high and not at all.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import trl
+from datasets import Dataset
+from peft import LoraConfig
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from grpo_fast.integrations import trl as fast_trl
+from grpo_fast.integrations.trl import FastGRPOTrainer
+
+VOCAB = 71  # prime: not a multiple of any tile size
+METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+METRICS += ("clip_ratio/low_min", "clip_ratio/high_max")
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("qwen2")
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def _reward(completions, **kwargs) -> list[float]:
+    return [float(len(c) % 7) for c in completions]
+
+
+def _trainer(cls, model_path: str, out, peft_config=None, **config):
+    args = dict(per_device_train_batch_size=4, num_generations=2, max_completion_length=7, beta=0.04)
+    args |= dict(use_bias_correction_kl=False)  # the IS-weighted KL is not fused; rejected when beta != 0
+    args |= dict(gradient_accumulation_steps=2, bf16=False, report_to="none", save_strategy="no", logging_steps=1)
+    args |= config
+    prompts = Dataset.from_dict({"prompt": [f"w{i} w{i + 3} w{i + 7}" for i in range(2, 10)]})
+    torch.manual_seed(0)
+    return cls(
+        model=model_path,
+        reward_funcs=_reward,
+        args=trl.GRPOConfig(output_dir=str(out), **args),
+        train_dataset=prompts,
+        processing_class=PreTrainedTokenizerFast.from_pretrained(model_path),
+        peft_config=peft_config,
+    )
+
+
+@pytest.fixture(scope="module")
+def trainers(model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    ref, fast = _trainer(trl.GRPOTrainer, model_path, out), _trainer(FastGRPOTrainer, model_path, out)
+    for t in (ref, fast):
+        t.model.train()
+        t.current_gradient_accumulation_steps = 2
+    return ref, fast
+
+
+@pytest.fixture(scope="module")
+def batch(trainers):
+    """TRL's own generated and scored batch, with off-policy old and reference log-probs."""
+    ref, _ = trainers
+    rows = [{"prompt": f"w{i} w{i + 5}"} for i in (2, 2, 3, 3, 4, 4)]
+    torch.manual_seed(1)
+    batch = ref._generate_and_score_completions(rows)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    with torch.no_grad():
+        logps, _, _ = ref._get_per_token_logps_and_entropies(ref.model, ids, att, batch["completion_ids"].shape[1])
+    B, T = logps.shape
+    assert T == 7 and B == 6
+    # rows 0/1 clip high/low at the sequence level too; row 2 stays inside the clip range
+    row_shift = torch.tensor([-0.4, 0.4, 0.05, -0.3, 0.3, -0.3]).unsqueeze(1)  # (B, 1)
+    batch["old_per_token_logps"] = logps + row_shift + 0.25 * torch.randn(B, T)
+    batch["ref_per_token_logps"] = logps + 0.1 * torch.randn(B, T)
+    batch["advantages"] = torch.tensor([1.0, -1.0, 0.7, -0.7, 0.0, 0.0])
+    lengths = torch.tensor([7, 3, 7, 5, 0, 1]).unsqueeze(1)  # as if EOS ended them; row 4 is empty
+    batch["completion_mask"] = (torch.arange(T) < lengths).long()  # (B, T)
+    batch["completion_ids"] = batch["completion_ids"].masked_fill(batch["completion_mask"] == 0, 0)
+    batch["num_items_in_batch"] = batch["completion_mask"].sum()
+    return batch
+
+
+def _step(trainer, batch, **options):
+    for name, value in options.items():
+        setattr(trainer, name, value)
+    trainer.model.zero_grad(set_to_none=True)
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k in METRICS}
+    return loss.detach(), grads, metrics
+
+
+def _assert_close_metrics(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        assert (math.isnan(got[k]) and math.isnan(want[k])) or got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), k
+
+
+def _assert_same_step(ref, fast, batch, **options) -> dict:
+    loss_r, grads_r, metrics_r = _step(ref, batch, **options)
+    loss_f, grads_f, metrics_f = _step(fast, batch, **options)
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-7)
+    assert grads_f.keys() == grads_r.keys() and len(grads_r) > 10
+    for name, g in grads_r.items():
+        torch.testing.assert_close(grads_f[name], g, rtol=1e-5, atol=1e-5 * g.abs().max().item(), msg=name)
+    _assert_close_metrics(metrics_f, metrics_r)
+    return metrics_r
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_loss_and_grads_match_trl(trainers, batch, loss_type, level):
+    metrics = _assert_same_step(*trainers, batch, loss_type=loss_type, importance_sampling_level=level, beta=0.04)
+    assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0  # every branch is hit
+    assert metrics["clip_ratio/region_mean"] < 1
+
+
+def test_on_policy_no_kl_delta_matches_trl(trainers, batch):
+    on_policy = {k: v for k, v in batch.items() if k not in ("old_per_token_logps", "ref_per_token_logps")}
+    metrics = _assert_same_step(*trainers, on_policy, loss_type="dapo", importance_sampling_level="token", beta=0.0)
+    assert metrics["clip_ratio/region_mean"] == 0 and "kl" not in metrics
+    ref, fast = trainers
+    ref.args.delta = fast.args.delta = 1.1
+    try:
+        _assert_same_step(ref, fast, batch, loss_type="grpo", beta=0.04, epsilon_high=0.28)
+    finally:
+        ref.args.delta = fast.args.delta = None
+        ref.epsilon_high = fast.epsilon_high = ref.epsilon_low
+
+
+def test_lora_matches_trl_and_trains(model_path, batch, tmp_path):
+    """PEFT-wrapped policy (reference = adapters disabled); then one real TRL training step with it."""
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    config = dict(peft_config=lora, max_steps=1, gradient_accumulation_steps=1, learning_rate=1e-2)
+    ref, fast = (_trainer(cls, model_path, tmp_path, **config) for cls in (trl.GRPOTrainer, FastGRPOTrainer))
+    for t in (ref, fast):
+        t.model.train()
+        t.current_gradient_accumulation_steps = 1
+    _assert_same_step(ref, fast, batch, loss_type="dapo", importance_sampling_level="token")
+    before = {n: p.detach().clone() for n, p in fast.model.named_parameters() if p.requires_grad}
+    fast.train()
+    logged = fast.state.log_history[0]
+    assert {"loss", "entropy", "kl", "clip_ratio/low_min", "clip_ratio/high_max"} <= logged.keys()
+    assert all(math.isfinite(logged[k]) for k in ("loss", "entropy", "kl"))
+    changed = [n for n, p in fast.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed and all("lora_" in n for n in changed)
+
+
+def test_unsupported_options_raise(trainers, batch, model_path, tmp_path):
+    _, fast = trainers
+    fast.loss_type = "cispo"
+    with pytest.raises(ValueError, match="loss_type='cispo'"):
+        fast.compute_loss(fast.model, batch)
+    fast.loss_type, fast.args.use_bias_correction_kl = "dapo", True
+    with pytest.raises(ValueError, match="use_bias_correction_kl=True"):
+        fast.compute_loss(fast.model, batch)
+    fast.args.use_bias_correction_kl = False
+    with pytest.raises(ValueError, match="top_entropy_quantile"):
+        _trainer(FastGRPOTrainer, model_path, tmp_path, top_entropy_quantile=0.5)
+
+
+def test_version_check_and_import_without_trl():
+    with pytest.raises(ImportError, match=re.escape(f"supports {fast_trl.SUPPORTED_TRL}, but trl 0.24.0 is installed")):
+        fast_trl.check_trl_version("0.24.0")
+    fast_trl.check_trl_version(trl.__version__)
+    code = (
+        "import sys; sys.modules['trl'] = None\n"
+        "from grpo_fast.integrations.trl import FastGRPOTrainer\n"
+        "try:\n    FastGRPOTrainer()\nexcept ImportError as e:\n    print('ImportError:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"ImportError: FastGRPOTrainer needs {fast_trl.SUPPORTED_TRL}" in out.stdout
