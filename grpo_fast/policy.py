@@ -1,0 +1,106 @@
+"""Loading the policy: the embedded tiny model or a Hugging Face model (id or local path), LoRA
+through peft, optional 4-bit base, gradient checkpointing; prompt encoding with the chat template."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from . import tiny
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def load_tokenizer(name: str):
+    if not name:
+        return tiny.build_tokenizer()
+    from transformers import AutoTokenizer
+
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise ValueError(f"model: no such local directory {name!r}")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise ValueError(f"model: cannot load a tokenizer from {name!r}: {e}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _hf_model(cfg, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch.bfloat16 if device.type == "cuda" and cfg.bf16 else torch.float32}
+    kwargs["attn_implementation"] = "sdpa"  # dense boolean masks on CPU; the packing engine picks its own on CUDA
+    if cfg.load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None or device.type != "cuda":
+            raise ValueError("load_in_4bit needs bitsandbytes installed and a CUDA GPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    except Exception as e:
+        raise ValueError(f"model: cannot load {cfg.model!r}: {e}") from e
+    return model if cfg.load_in_4bit else model.to(device)
+
+
+def load_policy(cfg, tokenizer, device: torch.device):
+    """The trainable policy (a PeftModel with LoRA, or the full model) and its reference policy
+    (None when beta == 0, the same model under `reference_context` with LoRA, a frozen copy otherwise)."""
+    model = tiny.build_model(tokenizer, cfg.seed).to(device) if not cfg.model else _hf_model(cfg, device)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
+        lora = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    ref = None
+    if cfg.beta != 0:
+        ref = model if cfg.lora else copy.deepcopy(model).eval().requires_grad_(False)
+    return model, ref
+
+
+def reference_context(model, ref):
+    """Context under which `ref` computes reference log-probs: adapters disabled when ref is the policy."""
+    return model.disable_adapter() if ref is model else nullcontext()
+
+
+def max_positions(model) -> int | None:
+    config = model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def encode_prompt(tokenizer, prompt, system_prompt: str | None, max_length: int) -> list[int]:
+    """Token ids of one prompt (text or chat messages), chat template applied when the tokenizer has
+    one; longer prompts keep their last `max_length` tokens."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+        if system_prompt and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+    else:
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+        ids = tokenizer(text).input_ids
+    if not ids:
+        raise ValueError(f"prompt encodes to no tokens: {prompt!r}")
+    return ids[-max_length:]

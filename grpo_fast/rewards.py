@@ -1,0 +1,145 @@
+"""Reward functions with TRL's signature, and the scoring that checks them.
+
+A reward function is `f(prompts, completions, completion_ids, **columns) -> list[float | None]`:
+`prompts` and `completions` are lists of strings (one per sampled completion, prompts repeated G
+times), `completion_ids` lists of token ids, and every other dataset column arrives as a keyword
+list aligned with them. `None` means "no score": it is excluded from that function's statistics and
+counts as 0 in the weighted sum (as in TRL). Accept `**kwargs` for columns you do not use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import re
+from collections.abc import Callable
+
+import torch
+
+RewardFn = Callable[..., list]
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
+
+
+class RewardError(ValueError):
+    """A reward function raised, returned the wrong number of values, or returned NaN/inf."""
+
+
+def _to_number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    found = _NUMBER.findall(str(text))
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def extract_answer(text: str) -> float | None:
+    """The number in the last `\\boxed{}`, else after a GSM8K `####`, else the last number in `text`."""
+    boxed = _BOXED.findall(text)
+    if boxed:
+        return _to_number(boxed[-1])
+    if "####" in text:
+        return _to_number(text.split("####")[-1])
+    return _to_number(text)
+
+
+def math_reward(prompts, completions, completion_ids=None, *, answer=None, **kwargs) -> list[float | None]:
+    """1 when the completion's answer (last `\\boxed{}` or last number) equals the `answer` column, else 0.
+    None where the reference answer has no number."""
+    if answer is None:
+        raise ValueError("math reward needs an answer column (set --answer-column)")
+    out = []
+    for completion, ref in zip(completions, answer):
+        want = extract_answer(str(ref))
+        got = extract_answer(completion)
+        out.append(None if want is None else float(got is not None and math.isclose(got, want, abs_tol=1e-6)))
+    return out
+
+
+def format_reward(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+    """1 when the completion is `<think>...</think><answer>...</answer>` (whitespace allowed around), else 0."""
+    return [float(_FORMAT.fullmatch(c) is not None) for c in completions]
+
+
+def length_reward(prompts, completions, completion_ids, *, max_new_tokens: int, **kwargs) -> list[float]:
+    """1 - length / max_new_tokens: prefers short completions (use a small weight beside a task reward)."""
+    return [1.0 - min(len(ids), max_new_tokens) / max_new_tokens for ids in completion_ids]
+
+
+def _reverse(*args, **kwargs):
+    from .tiny import reverse_reward
+
+    return reverse_reward(*args, **kwargs)
+
+
+BUILTIN: dict[str, RewardFn] = {
+    "math": math_reward,
+    "format": format_reward,
+    "length": length_reward,
+    "reverse": _reverse,
+}
+
+
+def resolve(name: str, max_new_tokens: int) -> RewardFn:
+    """A built-in name or `module:function`; raises ValueError naming `name` if it cannot be found."""
+    if name == "length":
+        fn = functools.partial(length_reward, max_new_tokens=max_new_tokens)
+        return functools.update_wrapper(fn, length_reward)
+    if name in BUILTIN:
+        return BUILTIN[name]
+    if ":" not in name:
+        raise ValueError(f"rewards: unknown reward {name!r}; built-ins are {sorted(BUILTIN)}, or module:function")
+    module, attr = name.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"rewards: cannot load reward function {name!r}: {e}") from e
+    if not callable(fn):
+        raise ValueError(f"rewards: {name!r} is not callable")
+    return fn
+
+
+def call(name: str, fn: RewardFn, prompts, completions, completion_ids, columns: dict) -> list[float]:
+    """Runs one reward function and checks its output; None becomes NaN (no score)."""
+    try:
+        values = fn(prompts, completions, completion_ids, **columns)
+    except Exception as e:
+        raise RewardError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
+    if not hasattr(values, "__len__") or len(values) != len(completions):
+        n = len(values) if hasattr(values, "__len__") else type(values).__name__
+        raise RewardError(f"reward function {name!r} returned {n} values for {len(completions)} completions")
+    out = []
+    for v in values:
+        if v is None:
+            out.append(float("nan"))
+            continue
+        v = float(v)
+        if not math.isfinite(v):
+            raise RewardError(f"reward function {name!r} returned a non-finite value {v} (use None for no score)")
+        out.append(v)
+    return out
+
+
+def score(
+    funcs: dict[str, RewardFn], weights: list[float], prompts, completions, completion_ids, columns: dict
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted total reward (N,) float32 and per-function mean/std over the scored (non-None) values."""
+    table = torch.tensor(
+        [call(name, fn, prompts, completions, completion_ids, columns) for name, fn in funcs.items()],
+        dtype=torch.float32,
+    ).reshape(len(funcs), len(completions))  # (F, N), NaN = no score
+    w = torch.tensor(weights, dtype=torch.float32).unsqueeze(1)  # (F, 1)
+    total = (table.nan_to_num(0.0) * w).sum(0)  # (N,)
+    stats = {}
+    for name, row in zip(funcs, table):
+        scored = row[~row.isnan()]
+        stats[f"reward_{name}_mean"] = float(scored.mean()) if scored.numel() else float("nan")
+        stats[f"reward_{name}_std"] = float(scored.std()) if scored.numel() > 1 else 0.0
+    return total, stats

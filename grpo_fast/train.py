@@ -1,0 +1,357 @@
+"""GRPO training in one script: `python -m grpo_fast.train [flags]` (`--help` lists every flag).
+
+With no arguments it trains the embedded tiny Llama (tiny.py) on the built-in "reverse" task, on a CPU
+in a few minutes. With `--model` (Hugging Face id or local path) and `--dataset` (HF id, local
+JSONL/Parquet, or a built-in task) it trains a real model, with LoRA by default.
+
+Each step: draw `prompts_per_step` prompts, sample `group_size` completions per prompt with the
+prompt's KV stored once (generate_groups), score them (rewards.py), compute group advantages, then
+`num_iterations` AdamW updates, each accumulating gradients over micro-batches of whole groups. The
+loss is fused_linear_grpo_loss on shared-prefix packed hidden states (each prompt computed once per
+group, logits never materialized); old and reference log-probs come from no-grad fused passes.
+Output directory: metrics.jsonl, reward_curve.png, samples.jsonl, config.json, checkpoints/, final/.
+
+Deliberately left out: vLLM rollouts, reward models, evaluation loops, and multiple processes for
+now (the rank/world-size split lives in `world()` and `shard()` only; groups are never split).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from tqdm import tqdm
+
+from . import checkpoint, config, data, policy, rewards, run_log
+from .fused_linear import fused_linear_grpo_loss, fused_linear_logps
+from .loss import group_advantages
+from .packing import completion_hidden_states, lm_head
+from .rollout import generate_groups
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): the one place that knows about multiple processes."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """This rank's contiguous share of the step's prompts (whole groups)."""
+    per = len(items) // world_size
+    return items[rank * per : (rank + 1) * per]
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(cfg: config.Config, model):
+    """AdamW on the trainable parameters; linear warmup then cosine to 0 over every update."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total = cfg.max_steps * cfg.num_iterations
+    warmup = max(1, int(cfg.warmup_ratio * total))
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, total - warmup))))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def check_inputs(cfg, model, rows, funcs, weights) -> None:
+    """Bad input fails here, before any step: lengths, answer column, reward functions (dry run on
+    two prompts with empty completions, which a policy may produce)."""
+    limit = policy.max_positions(model)
+    if limit is not None and cfg.max_prompt_length + cfg.max_new_tokens > limit:
+        raise ValueError(
+            f"max_prompt_length + max_new_tokens = {cfg.max_prompt_length + cfg.max_new_tokens} exceeds the "
+            f"model's {limit} positions; lower max_prompt_length or max_new_tokens"
+        )
+    first = [rows[i] for i in range(min(2, len(rows)))]
+    if data.needs_answer(cfg.rewards) and cfg.answer_column not in first[0]:
+        raise ValueError(f"dataset has no answer column {cfg.answer_column!r}; columns: {list(first[0])}")
+    prompts = [r[cfg.prompt_column] for r in first]
+    rewards.score(funcs, weights, prompts, [""] * len(first), [[] for _ in first], columns_of(first, cfg))
+
+
+def columns_of(rows: list[dict], cfg) -> dict[str, list]:
+    """Dataset columns as keyword lists for the reward functions; the answer column also as `answer`."""
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != cfg.prompt_column}
+    if cfg.answer_column in columns and "answer" not in columns:
+        columns["answer"] = columns[cfg.answer_column]
+    return columns
+
+
+# -------------------------------------------------------------------------------------------- rollout
+
+
+def draw(rows, order: data.PromptOrder, position: int, cfg, tokenizer, device) -> tuple[list[dict], list]:
+    """This rank's rows for the step and their prompt ids [(Lp,) int64 on device] (unpadded)."""
+    rank, world_size = world()
+    picked = shard(order.indices(position, cfg.prompts_per_step), rank, world_size)
+    batch = [rows[i] for i in picked]
+    enc = [
+        policy.encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt, cfg.max_prompt_length) for r in batch
+    ]
+    return batch, [torch.tensor(ids, dtype=torch.long, device=device) for ids in enc]
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: list, cfg, tokenizer, generator):
+    model.eval()
+    try:
+        return generate_groups(
+            model,
+            prompt_ids,
+            cfg.group_size,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            generator=generator,
+        )
+    finally:
+        model.train()
+
+
+def score(cfg, tokenizer, batch: list[dict], roll, funcs, weights) -> tuple[torch.Tensor, dict, list, list]:
+    """Rewards (B*G,) float32, reward/length statistics, the prompt texts and completions (decoded)."""
+    G = cfg.group_size
+    lengths = roll.completion_mask.sum(1).tolist()  # (B*G,)
+    ids = [roll.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)]
+    completions = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+    rep = [r for r in batch for _ in range(G)]  # dataset rows repeated per sample
+    prompts = [r[cfg.prompt_column] for r in rep]
+    total, stats = rewards.score(funcs, weights, prompts, completions, ids, columns_of(rep, cfg))
+    grouped = total.view(-1, G)
+    stats |= {
+        "reward": float(total.mean()),
+        "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
+        "frac_reward_zero_std": float((grouped.std(1) < 1e-6).float().mean()),
+        "completion_length_mean": float(np.mean(lengths)),
+        "completion_length_max": int(max(lengths)),
+        "clipped_ratio": float((~roll.finished).float().mean()),  # cut at max_new_tokens
+    }
+    return total, stats, prompts, completions
+
+
+# --------------------------------------------------------------------------------------------- update
+
+
+def micro_batches(roll, advantages: torch.Tensor, cfg) -> list[dict]:
+    """Whole groups per micro-batch, each trimmed to its longest completion."""
+    G, out = cfg.group_size, []
+    n_groups = roll.completion_ids.shape[0] // G
+    for g0 in range(0, n_groups, cfg.micro_batch_groups):
+        g1 = min(n_groups, g0 + cfg.micro_batch_groups)
+        mask = roll.completion_mask[g0 * G : g1 * G]  # (b*G, Tc)
+        T = max(1, int(mask.sum(1).max()))
+        out.append(
+            dict(
+                prompts=roll.prompts[g0:g1],
+                ids=roll.completion_ids[g0 * G : g1 * G, :T],
+                mask=mask[:, :T],
+                advantages=advantages[g0 * G : g1 * G],
+            )
+        )
+    return out
+
+
+def hidden(model, mb: dict, cfg) -> torch.Tensor:
+    """Packed shared-prefix forward: (b*G, T, H) hidden states that predict mb["ids"]."""
+    return completion_hidden_states(model, mb["prompts"], mb["ids"], mb["mask"], group_size=cfg.group_size)
+
+
+@torch.no_grad()
+def logps(model, mb: dict, cfg) -> torch.Tensor:
+    """No-grad fused log-probs (b*G, T) of mb["ids"] under `model` (old or reference policy)."""
+    weight, bias = lm_head(model)
+    return fused_linear_logps(hidden(model, mb, cfg), weight, mb["ids"], bias=bias, temperature=cfg.temperature)
+
+
+def add_reference_logps(model, ref, mbs: list[dict], cfg) -> None:
+    """Old log-probs (only when a rollout feeds several updates) and reference log-probs (beta != 0)."""
+    for mb in mbs:
+        mb["old"] = logps(model, mb, cfg) if cfg.num_iterations > 1 else None
+        if ref is not None:
+            with policy.reference_context(model, ref):
+                mb["ref"] = logps(ref, mb, cfg)
+        else:
+            mb["ref"] = None
+
+
+def accumulate(model, mbs: list[dict], cfg) -> tuple[torch.Tensor, dict]:
+    """Backward over every micro-batch; the summed loss equals the loss of the whole batch:
+    dapo and bnpo divide by the batch's active tokens, grpo and dr_grpo weigh each micro-batch by rows."""
+    weight, bias = lm_head(model)
+    rows = sum(mb["ids"].shape[0] for mb in mbs)
+    tokens = sum(float(mb["mask"].sum()) for mb in mbs)
+    by_tokens = cfg.loss_type in ("dapo", "bnpo")
+    total, metrics = torch.zeros(()), {}
+    for mb in mbs:
+        loss, m = fused_linear_grpo_loss(
+            hidden(model, mb, cfg),
+            weight,
+            mb["ids"],
+            mb["mask"],
+            bias=bias,
+            advantages=mb["advantages"],
+            old_logps=mb["old"],
+            ref_logps=mb["ref"],
+            beta=cfg.beta,
+            epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high,
+            delta=cfg.delta,
+            temperature=cfg.temperature,
+            loss_type="dapo" if by_tokens else cfg.loss_type,
+            importance_sampling_level=cfg.importance_sampling_level,
+            max_completion_length=cfg.max_new_tokens,
+            num_items_in_batch=max(tokens, 1.0) if by_tokens else None,
+        )
+        share = mb["ids"].shape[0] / rows
+        (loss if by_tokens else loss * share).backward()
+        total += (loss if by_tokens else loss * share).detach().float().cpu()
+        token_share = float(mb["mask"].sum()) / max(tokens, 1.0)
+        for k, v in m.items():  # token means weigh by tokens; sequence-level clip fractions by rows (TRL)
+            w = share if k.startswith("clip") and cfg.importance_sampling_level == "sequence" else token_share
+            metrics[k] = metrics.get(k, 0.0) + w * float(v)
+    return total, metrics
+
+
+def update(model, optimizer, scheduler, mbs: list[dict], cfg) -> dict:
+    """One optimizer update; a non-finite loss or gradient is reported and not applied."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    loss, metrics = accumulate(model, mbs, cfg)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    applied = math.isfinite(float(loss)) and math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+    else:
+        tqdm.write(f"non-finite loss ({float(loss)}) or grad norm ({grad_norm}): update not applied")
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return {"loss": float(loss), **metrics, "grad_norm": grad_norm, "lr": lr, "skipped": int(not applied)}
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KB on Linux)
+
+
+def train_step(step, cfg, model, ref, optimizer, scheduler, batch, prompt_ids, funcs, weights, tokenizer, gen):
+    """Rollout, scoring, num_iterations updates; returns (metrics row, prompts, completions, rewards)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # peak_mem_mb is this step's
+    t0 = time.perf_counter()
+    roll = sample(model, prompt_ids, cfg, tokenizer, gen)
+    rollout_s = time.perf_counter() - t0
+    r, stats, prompts, completions = score(cfg, tokenizer, batch, roll, funcs, weights)
+    t1 = time.perf_counter()
+    adv = group_advantages(r.to(roll.completion_ids.device), cfg.group_size, cfg.scale_rewards)  # (B*G,)
+    mbs = micro_batches(roll, adv, cfg)
+    add_reference_logps(model, ref, mbs, cfg)
+    updates = [update(model, optimizer, scheduler, mbs, cfg) for _ in range(cfg.num_iterations)]
+    update_s = time.perf_counter() - t1
+    tokens = float(roll.completion_mask.sum())
+    row = {"step": step + 1, **stats, **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]}}
+    row |= {"tokens_per_s": tokens / (rollout_s + update_s), "rollout_s": rollout_s, "update_s": update_s}
+    row["peak_mem_mb"] = peak_mem_mb(roll.completion_ids.device)
+    return row, prompts, completions, r.tolist()
+
+
+def start(cfg, out: Path, model, optimizer, scheduler, gen) -> tuple[int, int]:
+    """(step, data position) to start from: the latest checkpoint's with --resume (its RNG, optimizer and
+    weights restored), else 0 on a fresh output directory."""
+    last = checkpoint.latest(out / "checkpoints")
+    if last is not None and cfg.resume:
+        state = checkpoint.load(last, model, optimizer, scheduler, gen)
+        run_log.truncate_metrics(out / "metrics.jsonl", state["step"])
+        tqdm.write(f"resumed from {last} (step {state['step']})")
+        return state["step"], state["data_position"]
+    if last is not None:
+        raise ValueError(f"output_dir {out} already has checkpoints: pass --resume, or choose another --output-dir")
+    for stale in ("metrics.jsonl", "samples.jsonl"):
+        (out / stale).unlink(missing_ok=True)
+    return 0, 0
+
+
+def run(cfg: config.Config) -> list[dict]:
+    """Trains according to `cfg`; returns the metrics rows written to metrics.jsonl by this call."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_all(cfg.seed)
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = policy.load_tokenizer(cfg.model)
+    rows = data.load(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.prompt_column, cfg.answer_column)
+    funcs = {name: rewards.resolve(name, cfg.max_new_tokens) for name in cfg.rewards}
+    weights = cfg.reward_weights or [1.0] * len(funcs)
+    if cfg.prompts_per_step % world()[1]:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide evenly over {world()[1]} ranks")
+    model, ref = policy.load_policy(cfg, tokenizer, device)
+    transformers.utils.logging.disable_progress_bar()  # checkpoint writes would break the run's own bar
+    check_inputs(cfg, model, rows, funcs, weights)
+    optimizer, scheduler = make_optimizer(cfg, model)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    order = data.PromptOrder(len(rows), cfg.seed)
+    ckpt_dir, metrics_path = out / "checkpoints", out / "metrics.jsonl"
+    step, position = start(cfg, out, model, optimizer, scheduler, gen)
+    (out / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
+    written = []
+    bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=not cfg.progress, desc="grpo")
+    for step in bar:
+        batch, prompt_ids = draw(rows, order, position, cfg, tokenizer, device)
+        position += cfg.prompts_per_step
+        row, prompts, completions, r = train_step(
+            step, cfg, model, ref, optimizer, scheduler, batch, prompt_ids, funcs, weights, tokenizer, gen
+        )
+        run_log.append_jsonl(metrics_path, row)
+        written.append(row)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        done = step + 1
+        if cfg.log_samples_steps and (done % cfg.log_samples_steps == 0 or done == 1):
+            run_log.append_jsonl(out / "samples.jsonl", run_log.samples(done, prompts, completions, r))
+        if (cfg.plot_steps and done % cfg.plot_steps == 0) or done == cfg.max_steps:
+            run_log.plot_rewards(metrics_path, out / "reward_curve.png")
+        if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
+            state = {"data_position": position}
+            checkpoint.save(ckpt_dir, done, model, optimizer, scheduler, gen, state, cfg.keep_checkpoints)
+    model.save_pretrained(out / "final")
+    tokenizer.save_pretrained(out / "final")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(config.parse(argv))
+    except ValueError as e:  # bad input (including reward errors): one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
