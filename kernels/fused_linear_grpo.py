@@ -16,9 +16,9 @@ FLOPs: forward 2*N*H*V; backward 4*N*H*V for a frozen head (LoRA: the dW GEMM ne
 for a trainable one. Bytes beyond the GEMM operands: ~5 passes over each 32 MB tile and the fp32
 accumulators' read + write in the GEMM epilogues (see `_chunks`). The first version accumulated an fp32
 (N, H) dHidden in global memory once per 128-wide vocabulary tile: N*H*8*V/128 = 318 GB at N=8192,
-H=4096, V=151936; this one moves ~10 GB of tiles and accumulators there.
+H=4096, V=151936; this one moves ~10-15 GB of tiles and accumulators there.
 Extra memory: O(N) per-token values, one (C, Vc) tile (TILE_BYTES = 32 MB), the gathered (C, H) hidden
-rows (16 MB in bf16 at H=4096) and the fp32 (C, H) dHidden accumulator (32 MB): independent of N and V.
+rows (8 MB in bf16 at H=4096) and the fp32 (C, H) dHidden accumulator (16 MB): independent of N and V.
 A trainable head adds the fp32 (V, H) dWeight accumulator, cast to the weight's dtype at the end.
 """
 
@@ -35,7 +35,9 @@ from grpo_fast.backend import interpreted
 from .selective_log_softmax import backward_rows
 
 TILE_BYTES = 32 << 20  # the backward's (C, Vc) logit tile in the inputs' dtype
-TOKEN_CHUNK = 2048  # C: rows per backward tile; its fp32 (C, H) dHidden accumulator is C*H*4 bytes
+TOKEN_CHUNK = 1024  # C: rows per backward tile; its fp32 (C, H) dHidden accumulator is C*H*4 bytes
+# At H=4096, bf16: tile 32 MB + hidden rows 8 MB + accumulator 16 MB = 56 MB, inside the 64 MB budget;
+# M=1024 keeps each GEMM compute-bound (1024*Vc*H*2 FLOPs per (1024 + Vc)*H*2 bytes of operands).
 
 
 @triton.jit
@@ -140,11 +142,11 @@ def _forward(hidden, weight, bias, ids, temperature: float, with_entropy: bool):
 def _chunks(N: int, V: int, elem_size: int) -> tuple[int, int]:
     """Token chunk C and vocabulary chunk Vc of the backward: the (C, Vc) logit tile holds TILE_BYTES.
 
-    N=8192, V=151936, H=4096, bf16: C=2048, Vc=8192 (4 x 19 tiles). Per tile each GEMM does
+    N=8192, V=151936, H=4096, bf16: C=1024, Vc=16384 (8 x 10 tiles). Per tile each GEMM does
     2*C*Vc*H = 137 GFLOP (~0.2 ms at 700 TFLOP/s) while the tile's elementwise traffic (GEMM write,
     backward_rows read + write, one read per gradient GEMM) is 4-5 x 32 MB (~45 us at 3.35 TB/s), and
-    the fp32 accumulators cost 8 bytes an element in the GEMM epilogue: C*H*8 for dHidden (64 MB),
-    Vc*H*8 for dWeight (256 MB, ~80 us, overlapped). C and Vc both in the thousands keep every GEMM
+    the fp32 accumulators cost 8 bytes an element in the GEMM epilogue: C*H*8 for dHidden (32 MB),
+    Vc*H*8 for dWeight (512 MB, ~150 us, overlapped). C and Vc both in the thousands keep every GEMM
     compute-bound; a (C, V) row-chunk of 32 MB would give C = 64 and re-read the 1.24 GB head per 64 tokens.
     """
     C = max(1, min(N, TOKEN_CHUNK))
