@@ -86,34 +86,13 @@ def grpo_loss(
     checks.tensor(logits, "logits", ndim=3)
     checks.floating(logits, "logits")
     B, T, V = logits.shape
-    checks.tensor(completion_ids, "completion_ids", ndim=2)
-    checks.shape(completion_ids, "completion_ids", (B, T))
-    checks.same_device("logits", logits, ("completion_ids", completion_ids))
-    checks.ids_in_range(completion_ids, V, "completion_ids")
-    checks.token_inputs(
-        B,
-        T,
-        logits.device,
-        completion_mask=completion_mask,
-        advantages=advantages,
-        rewards_=rewards,
-        group_size_=group_size,
-        scale_rewards=scale_rewards,
-        old_logps=old_logps,
-        ref_logps=ref_logps,
-        num_items_in_batch=num_items_in_batch,
-    )
-    checks.loss_options(
-        beta=beta,
-        epsilon=epsilon,
-        epsilon_high=epsilon_high,
-        delta=delta,
-        temperature=temperature,
-        loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level,
+    checks.grpo_batch(
+        B, T, V, logits.device, completion_ids, completion_mask, advantages=advantages, rewards=rewards,
+        group_size=group_size, scale_rewards=scale_rewards, old_logps=old_logps, ref_logps=ref_logps,
+        num_items_in_batch=num_items_in_batch, beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta,
+        temperature=temperature, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
         max_completion_length=max_completion_length,
-        ref_logps=ref_logps,
-    )
+    )  # fmt: skip
     options = dict(
         old_logps=old_logps,
         ref_logps=ref_logps,
