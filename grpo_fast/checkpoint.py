@@ -3,7 +3,9 @@ with os.replace, so a crash mid-write leaves the previous checkpoint intact.
 
 A checkpoint `checkpoint-<step>` holds the model (a peft adapter, or full weights) via
 save_pretrained, `trainer.pt` (optimizer, scheduler, torch/python/numpy/sampling RNG states) and
-`trainer_state.json` (step, data position), written last.
+`trainer_state.json` (step, data position, world size), written last. Under torchrun every rank calls
+`save` and `load`; rank 0 alone writes, except for fsdp2, where each rank writes its shards of the weights
+and optimizer through torch.distributed.checkpoint (`dcp/`) and the adapter/weights files are left out.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import distributed
 
 _NAME = re.compile(r"checkpoint-(\d+)$")
 
@@ -42,18 +46,35 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(root: str | Path, step: int, model, optimizer, scheduler, generator, state: dict, keep: int = 2) -> Path:
-    """Writes checkpoint-<step> under `root` atomically and prunes all but the `keep` newest."""
+def save(
+    root: str | Path, step: int, model, optimizer, scheduler, generator, state: dict, keep: int = 2, sharded=False
+) -> Path:
+    """Writes checkpoint-<step> under `root` atomically and prunes all but the `keep` newest. Every rank calls
+    it; `sharded` (fsdp2): weights and optimizer through torch.distributed.checkpoint."""
     root = Path(root)
     final, tmp = root / f"checkpoint-{step:07d}", root / f".tmp-checkpoint-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(generator)},
-        tmp / "trainer.pt",
-    )
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}))
+    main = distributed.is_main()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    if sharded:
+        _save_sharded(tmp, model, optimizer)
+    elif main:
+        model.save_pretrained(tmp)
+    if main:
+        optim = None if sharded else optimizer.state_dict()
+        blob = {"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state(generator)}
+        torch.save(blob, tmp / "trainer.pt")
+        world_size = distributed.world()[1]
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step, "world_size": world_size}))
+        _publish(root, tmp, final, step, keep)
+    distributed.barrier()
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int, keep: int) -> None:
+    """Renames the finished `tmp` to `final` and prunes old checkpoints."""
     if final.exists():  # re-saving the same step: move the old one aside first (os.replace needs an empty target)
         old = root / f".old-checkpoint-{step:07d}"
         shutil.rmtree(old, ignore_errors=True)
@@ -64,7 +85,24 @@ def save(root: str | Path, step: int, model, optimizer, scheduler, generator, st
         os.replace(tmp, final)
     for stale in all_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
-    return final
+
+
+def _save_sharded(path: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path / "dcp")
+
+
+def _load_sharded(path: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path / "dcp")  # in place, each rank reading its shards
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def all_checkpoints(root: str | Path) -> list[Path]:
@@ -100,12 +138,26 @@ def _load_weights(path: Path, model) -> None:
         raise ValueError(f"checkpoint {path}: unexpected weights {unexpected[:5]}")
 
 
-def load(path: str | Path, model, optimizer, scheduler, generator) -> dict:
-    """Restores weights, optimizer, scheduler and RNG states in place; returns trainer_state.json."""
+def load(path: str | Path, model, optimizer, scheduler, generator, sharded: bool = False) -> dict:
+    """Restores weights, optimizer, scheduler and RNG states in place; returns trainer_state.json. Every rank
+    calls it. ValueError when the checkpoint was written by another world size or parallel mode."""
     path = Path(path)
-    _load_weights(path, model)
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved, world_size = state.get("world_size", 1), distributed.world()[1]
+    if saved != world_size:
+        raise ValueError(
+            f"resume: checkpoint {path} was written by {saved} processes, this run has world size {world_size}; "
+            f"resume with --nproc_per_node {saved} (or the same total over nodes), or start a new --output-dir"
+        )
+    if (path / "dcp").is_dir() != sharded:
+        written = "parallel='fsdp2'" if (path / "dcp").is_dir() else "parallel='ddp' or one process"
+        raise ValueError(f"resume: checkpoint {path} was written with {written}; resume with the same --parallel")
     blob = torch.load(path / "trainer.pt", weights_only=False)  # our own file: python/numpy RNG tuples
-    optimizer.load_state_dict(blob["optimizer"])
+    if sharded:
+        _load_sharded(path, model, optimizer)
+    else:
+        _load_weights(path, model)
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"], generator)
-    return json.loads((path / "trainer_state.json").read_text())
+    return state

@@ -51,6 +51,7 @@ class Config:
     temperature: float = 1.0  # sampling temperature (the loss uses the same)
     top_p: float = 1.0  # nucleus sampling; 1 disables
     top_k: int = 0  # top-k sampling; 0 disables
+    rollout_groups: int = 0  # prompts per sampling call (generator seeded by seed + data position); 0: this rank's all
     # loss (DESIGN.md, TRL's GRPOTrainer math)
     loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo
     beta: float = 0.0  # KL coefficient; 0 skips the reference pass
@@ -76,6 +77,7 @@ class Config:
     resume: bool = False  # continue from the latest checkpoint in output_dir
     progress: bool = True  # tqdm progress bar
     cpu_threads: int = 0  # torch CPU threads; 0: torch's default (1 suits tiny models on a shared CPU)
+    parallel: str = "ddp"  # under torchrun: ddp (replicated weights, gradients all-reduced) | fsdp2 (fully_shard)
 
 
 PRESETS: dict[str, dict] = {
@@ -220,6 +222,10 @@ def validate(cfg: Config) -> Config:
             raise ValueError(f"{name} must be one of {options}, got {getattr(cfg, name)!r}")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
         raise ValueError("temperature must be > 0, top_p in (0, 1], top_k >= 0")
+    if cfg.parallel not in ("ddp", "fsdp2"):
+        raise ValueError(f"parallel must be one of ('ddp', 'fsdp2'), got {cfg.parallel!r}")
+    if cfg.rollout_groups < 0:
+        raise ValueError(f"rollout_groups must be >= 0, got {cfg.rollout_groups}")
     if not cfg.rewards:
         raise ValueError("rewards must name at least one reward function")
     if cfg.reward_weights is not None and len(cfg.reward_weights) != len(cfg.rewards):

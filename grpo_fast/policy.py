@@ -81,7 +81,7 @@ def load_policy(cfg, tokenizer, device: torch.device):
 
 def reference_context(model, ref):
     """Context under which `ref` computes reference log-probs: adapters disabled when ref is the policy."""
-    return model.disable_adapter() if ref is model else nullcontext()
+    return getattr(model, "policy", model).disable_adapter() if ref is model else nullcontext()  # fsdp2: a Runner
 
 
 def max_positions(model) -> int | None:

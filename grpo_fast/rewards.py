@@ -127,19 +127,26 @@ def call(name: str, fn: RewardFn, prompts, completions, completion_ids, columns:
     return out
 
 
-def score(
-    funcs: dict[str, RewardFn], weights: list[float], prompts, completions, completion_ids, columns: dict
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted total reward (N,) float32 and per-function mean/std over the scored (non-None) values."""
-    table = torch.tensor(
-        [call(name, fn, prompts, completions, completion_ids, columns) for name, fn in funcs.items()],
-        dtype=torch.float32,
-    ).reshape(len(funcs), len(completions))  # (F, N), NaN = no score
+def table(funcs: dict[str, RewardFn], prompts, completions, completion_ids, columns: dict) -> torch.Tensor:
+    """(F, N) float32: each reward function's values, NaN where it gave no score (None)."""
+    values = [call(name, fn, prompts, completions, completion_ids, columns) for name, fn in funcs.items()]
+    return torch.tensor(values, dtype=torch.float32).reshape(len(funcs), len(completions))
+
+
+def combine(names, weights: list[float], values: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted total (N,) of a (F, N) table and per-function mean/std over the scored (non-NaN) values."""
     w = torch.tensor(weights, dtype=torch.float32).unsqueeze(1)  # (F, 1)
-    total = (table.nan_to_num(0.0) * w).sum(0)  # (N,)
+    total = (values.nan_to_num(0.0) * w).sum(0)  # (N,)
     stats = {}
-    for name, row in zip(funcs, table):
+    for name, row in zip(names, values):
         scored = row[~row.isnan()]
         stats[f"reward_{name}_mean"] = float(scored.mean()) if scored.numel() else float("nan")
         stats[f"reward_{name}_std"] = float(scored.std()) if scored.numel() > 1 else 0.0
     return total, stats
+
+
+def score(
+    funcs: dict[str, RewardFn], weights: list[float], prompts, completions, completion_ids, columns: dict
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted total reward (N,) float32 and per-function mean/std over the scored (non-None) values."""
+    return combine(list(funcs), weights, table(funcs, prompts, completions, completion_ids, columns))

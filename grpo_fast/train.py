@@ -11,15 +11,18 @@ loss is fused_linear_grpo_loss on shared-prefix packed hidden states (each promp
 group, logits never materialized); old and reference log-probs come from no-grad fused passes.
 Output directory: metrics.jsonl, reward_curve.png, samples.jsonl, config.json, checkpoints/, final/.
 
-Deliberately left out: vLLM rollouts, reward models, evaluation loops, and multiple processes for
-now (the rank/world-size split lives in `world()` and `shard()` only; groups are never split).
+Under `torchrun --nproc_per_node N -m grpo_fast.train` it trains data-parallel (distributed.py): each rank
+samples and scores its contiguous share of the step's prompts (whole groups), advantages come from every
+rank's rewards, the loss is normalized by global counts, gradients are summed over ranks (ddp) or the
+policy is sharded (--parallel fsdp2); metrics are reduced over ranks and rank 0 alone writes files.
+
+Deliberately left out: vLLM rollouts, reward models, evaluation loops, tensor/pipeline parallelism.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import resource
 import sys
@@ -31,18 +34,13 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from . import checkpoint, config, data, policy, rewards, run_log
+from . import checkpoint, config, data, distributed, policy, rewards, run_log
 from .fused_linear import fused_linear_grpo_loss, fused_linear_logps
 from .loss import group_advantages
 from .packing import completion_hidden_states, lm_head
-from .rollout import generate_groups
+from .rollout import Rollout, generate_groups
 
 # ---------------------------------------------------------------------------------------------- setup
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size): the one place that knows about multiple processes."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def shard(items: list, rank: int, world_size: int) -> list:
@@ -99,54 +97,70 @@ def columns_of(rows: list[dict], cfg) -> dict[str, list]:
 # -------------------------------------------------------------------------------------------- rollout
 
 
-def draw(rows, order: data.PromptOrder, position: int, cfg, tokenizer, device) -> tuple[list[dict], list]:
-    """This rank's rows for the step and their prompt ids [(Lp,) int64 on device] (unpadded)."""
-    rank, world_size = world()
+def draw(rows, order: data.PromptOrder, position: int, cfg, tokenizer, device) -> tuple[list[dict], list, int]:
+    """This rank's rows for the step, their prompt ids [(Lp,) int64 on device] (unpadded) and the data
+    position of its first prompt."""
+    rank, world_size = distributed.world()
     picked = shard(order.indices(position, cfg.prompts_per_step), rank, world_size)
     batch = [rows[i] for i in picked]
     enc = [
         policy.encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt, cfg.max_prompt_length) for r in batch
     ]
-    return batch, [torch.tensor(ids, dtype=torch.long, device=device) for ids in enc]
+    first = position + rank * len(picked)
+    return batch, [torch.tensor(ids, dtype=torch.long, device=device) for ids in enc], first
+
+
+def concat(rolls: list[Rollout]) -> Rollout:
+    """One Rollout from several, completions padded to the longest (pad id, mask 0)."""
+    if len(rolls) == 1:
+        return rolls[0]
+    Tc, pad = max(r.completion_ids.shape[1] for r in rolls), rolls[0].pad_token_id
+    widen = lambda x, v: torch.nn.functional.pad(x, (0, Tc - x.shape[1]), value=v)  # noqa: E731
+    ids = torch.cat([widen(r.completion_ids, pad) for r in rolls])  # (B*G, Tc)
+    mask = torch.cat([widen(r.completion_mask, 0) for r in rolls])
+    lengths, finished = torch.cat([r.completion_lengths for r in rolls]), torch.cat([r.finished for r in rolls])
+    return Rollout([p for r in rolls for p in r.prompts], rolls[0].group_size, ids, mask, lengths, finished, pad)
 
 
 @torch.no_grad()
-def sample(model, prompt_ids: list, cfg, tokenizer, generator):
+def sample(model, prompt_ids: list, cfg, tokenizer, generator, first: int = 0) -> Rollout:
+    """G completions per prompt, in calls of `rollout_groups` prompts, each call's generator seeded by (seed,
+    data position of its first prompt): the samples of a prompt do not depend on the world size as long as
+    rollout_groups divides every rank's share, and ranks draw different streams."""
+    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    kw |= dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator)
+    n, rolls = cfg.rollout_groups or len(prompt_ids), []
     model.eval()
     try:
-        return generate_groups(
-            model,
-            prompt_ids,
-            cfg.group_size,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            generator=generator,
-        )
+        for i in range(0, len(prompt_ids), n):
+            generator.manual_seed((cfg.seed * 2**32 + first + i) % 2**63)
+            rolls.append(distributed.forward(model, generate_groups, prompt_ids[i : i + n], cfg.group_size, **kw))
     finally:
         model.train()
+    return concat(rolls)
 
 
 def score(cfg, tokenizer, batch: list[dict], roll, funcs, weights) -> tuple[torch.Tensor, dict, list, list]:
-    """Rewards (B*G,) float32, reward/length statistics, the prompt texts and completions (decoded)."""
+    """Rewards (N,) float32 of every rank's rows in rank order, reward/length statistics over all of them, and
+    this rank's prompt texts and completions (decoded)."""
     G = cfg.group_size
     lengths = roll.completion_mask.sum(1).tolist()  # (B*G,)
     ids = [roll.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)]
     completions = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
     rep = [r for r in batch for _ in range(G)]  # dataset rows repeated per sample
     prompts = [r[cfg.prompt_column] for r in rep]
-    total, stats = rewards.score(funcs, weights, prompts, completions, ids, columns_of(rep, cfg))
-    grouped = total.view(-1, G)
+    local = rewards.table(funcs, prompts, completions, ids, columns_of(rep, cfg))  # (F, B*G), NaN = no score
+    per_row = torch.tensor([lengths, (~roll.finished).tolist()], dtype=torch.float32)  # (2, B*G)
+    every = distributed.all_gather(torch.cat([local, per_row]), dim=1)  # (F + 2, N): all ranks' rows
+    total, stats = rewards.combine(list(funcs), weights, every[:-2])
+    length, cut = every[-2], every[-1]
     stats |= {
         "reward": float(total.mean()),
         "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
-        "frac_reward_zero_std": float((grouped.std(1) < 1e-6).float().mean()),
-        "completion_length_mean": float(np.mean(lengths)),
-        "completion_length_max": int(max(lengths)),
-        "clipped_ratio": float((~roll.finished).float().mean()),  # cut at max_new_tokens
+        "frac_reward_zero_std": float((total.view(-1, G).std(1) < 1e-6).float().mean()),
+        "completion_length_mean": float(length.mean()),
+        "completion_length_max": int(length.max()),
+        "clipped_ratio": float(cut.mean()),  # cut at max_new_tokens
     }
     return total, stats, prompts, completions
 
@@ -178,11 +192,17 @@ def hidden(model, mb: dict, cfg) -> torch.Tensor:
     return completion_hidden_states(model, mb["prompts"], mb["ids"], mb["mask"], group_size=cfg.group_size)
 
 
+def loss_inputs(model, mb: dict, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """hidden(...), and the LM head's weight and bias; under fsdp2 run inside the root's forward, which
+    gathers the head (distributed.forward)."""
+    return hidden(model, mb, cfg), *lm_head(model)
+
+
 @torch.no_grad()
 def logps(model, mb: dict, cfg) -> torch.Tensor:
     """No-grad fused log-probs (b*G, T) of mb["ids"] under `model` (old or reference policy)."""
-    weight, bias = lm_head(model)
-    return fused_linear_logps(hidden(model, mb, cfg), weight, mb["ids"], bias=bias, temperature=cfg.temperature)
+    h, weight, bias = distributed.forward(model, loss_inputs, mb, cfg)
+    return fused_linear_logps(h, weight, mb["ids"], bias=bias, temperature=cfg.temperature)
 
 
 def add_reference_logps(model, ref, mbs: list[dict], cfg) -> None:
@@ -197,16 +217,18 @@ def add_reference_logps(model, ref, mbs: list[dict], cfg) -> None:
 
 
 def accumulate(model, mbs: list[dict], cfg) -> tuple[torch.Tensor, dict]:
-    """Backward over every micro-batch; the summed loss equals the loss of the whole batch:
-    dapo and bnpo divide by the batch's active tokens, grpo and dr_grpo weigh each micro-batch by rows."""
-    weight, bias = lm_head(model)
+    """Backward over every micro-batch; the summed loss equals the loss of the whole batch of every rank:
+    dapo and bnpo divide by the global active tokens, grpo and dr_grpo weigh each micro-batch by its share of
+    the global rows. Loss and metrics come back summed over ranks (metrics weighted by global shares)."""
     rows = sum(mb["ids"].shape[0] for mb in mbs)
     tokens = sum(float(mb["mask"].sum()) for mb in mbs)
+    rows, tokens = distributed.all_sum([rows, tokens])
     by_tokens = cfg.loss_type in ("dapo", "bnpo")
     total, metrics = torch.zeros(()), {}
     for mb in mbs:
+        h, weight, bias = distributed.forward(model, loss_inputs, mb, cfg)
         loss, m = fused_linear_grpo_loss(
-            hidden(model, mb, cfg),
+            h,
             weight,
             mb["ids"],
             mb["mask"],
@@ -231,15 +253,20 @@ def accumulate(model, mbs: list[dict], cfg) -> tuple[torch.Tensor, dict]:
         for k, v in m.items():  # token means weigh by tokens; sequence-level clip fractions by rows (TRL)
             w = share if k.startswith("clip") and cfg.importance_sampling_level == "sequence" else token_share
             metrics[k] = metrics.get(k, 0.0) + w * float(v)
-    return total, metrics
+    keys = sorted(metrics)
+    summed = distributed.all_sum([float(total), *(metrics[k] for k in keys)])
+    return torch.tensor(summed[0]), dict(zip(keys, summed[1:]))
 
 
 def update(model, optimizer, scheduler, mbs: list[dict], cfg) -> dict:
     """One optimizer update; a non-finite loss or gradient is reported and not applied."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # fsdp2: the sharded ones
     optimizer.zero_grad(set_to_none=True)
     loss, metrics = accumulate(model, mbs, cfg)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+    sharded = isinstance(model, distributed.Runner)  # fsdp2 has reduce-scattered in backward
+    if not sharded:
+        distributed.all_reduce_grads(params)
+    grad_norm = distributed.clip_grad_norm(params, cfg.max_grad_norm, sharded)
     applied = math.isfinite(float(loss)) and math.isfinite(grad_norm)
     if applied:
         optimizer.step()
@@ -260,87 +287,106 @@ def peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KB on Linux)
 
 
-def train_step(step, cfg, model, ref, optimizer, scheduler, batch, prompt_ids, funcs, weights, tokenizer, gen):
-    """Rollout, scoring, num_iterations updates; returns (metrics row, prompts, completions, rewards)."""
+def train_step(step, cfg, model, ref, optimizer, scheduler, batch, prompt_ids, first, funcs, weights, tokenizer, gen):
+    """Rollout, scoring, num_iterations updates; returns (metrics row, prompts, completions, this rank's rewards)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # peak_mem_mb is this step's
     t0 = time.perf_counter()
-    roll = sample(model, prompt_ids, cfg, tokenizer, gen)
+    roll = sample(model, prompt_ids, cfg, tokenizer, gen, first)
     rollout_s = time.perf_counter() - t0
-    r, stats, prompts, completions = score(cfg, tokenizer, batch, roll, funcs, weights)
+    r, stats, prompts, completions = score(cfg, tokenizer, batch, roll, funcs, weights)  # r: (N,) all ranks
     t1 = time.perf_counter()
-    adv = group_advantages(r.to(roll.completion_ids.device), cfg.group_size, cfg.scale_rewards)  # (B*G,)
+    n = roll.completion_ids.shape[0]
+    mine = slice(distributed.world()[0] * n, (distributed.world()[0] + 1) * n)  # this rank's rows of r
+    adv = group_advantages(r.to(roll.completion_ids.device), cfg.group_size, cfg.scale_rewards)[mine]  # (B*G,)
     mbs = micro_batches(roll, adv, cfg)
     add_reference_logps(model, ref, mbs, cfg)
     updates = [update(model, optimizer, scheduler, mbs, cfg) for _ in range(cfg.num_iterations)]
     update_s = time.perf_counter() - t1
-    tokens = float(roll.completion_mask.sum())
+    (tokens,) = distributed.all_sum([float(roll.completion_mask.sum())])  # all ranks' tokens; rank 0's clock
     row = {"step": step + 1, **stats, **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]}}
     row |= {"tokens_per_s": tokens / (rollout_s + update_s), "rollout_s": rollout_s, "update_s": update_s}
-    row["peak_mem_mb"] = peak_mem_mb(roll.completion_ids.device)
-    return row, prompts, completions, r.tolist()
+    row["peak_mem_mb"] = distributed.all_max([peak_mem_mb(roll.completion_ids.device)])[0]
+    return row, prompts, completions, r[mine].tolist()
 
 
 def start(cfg, out: Path, model, optimizer, scheduler, gen) -> tuple[int, int]:
     """(step, data position) to start from: the latest checkpoint's with --resume (its RNG, optimizer and
     weights restored), else 0 on a fresh output directory."""
-    last = checkpoint.latest(out / "checkpoints")
-    if last is not None and cfg.resume:
-        state = checkpoint.load(last, model, optimizer, scheduler, gen)
-        run_log.truncate_metrics(out / "metrics.jsonl", state["step"])
-        tqdm.write(f"resumed from {last} (step {state['step']})")
+    last, main = checkpoint.latest(out / "checkpoints"), distributed.is_main()
+    if last is not None and cfg.resume:  # every rank loads; rank 0 alone touches the logs
+        state = checkpoint.load(last, model, optimizer, scheduler, gen, sharded=isinstance(model, distributed.Runner))
+        if main:
+            run_log.truncate_metrics(out / "metrics.jsonl", state["step"])
+            tqdm.write(f"resumed from {last} (step {state['step']})")
         return state["step"], state["data_position"]
     if last is not None:
         raise ValueError(f"output_dir {out} already has checkpoints: pass --resume, or choose another --output-dir")
-    for stale in ("metrics.jsonl", "samples.jsonl"):
+    for stale in ("metrics.jsonl", "samples.jsonl") if main else ():
         (out / stale).unlink(missing_ok=True)
     return 0, 0
 
 
+def save_final(model, tokenizer, out: Path) -> None:
+    """final/: the policy in transformers (or peft adapter) format, written by rank 0."""
+    state = distributed.full_state_dict(model) if isinstance(model, distributed.Runner) else None  # collective
+    if distributed.is_main():
+        distributed.unwrap(model).save_pretrained(out / "final", **({"state_dict": state} if state else {}))
+        tokenizer.save_pretrained(out / "final")
+    distributed.barrier()
+
+
 def run(cfg: config.Config) -> list[dict]:
     """Trains according to `cfg`; returns the metrics rows written to metrics.jsonl by this call."""
-    out = Path(cfg.output_dir)
+    out, world_size = Path(cfg.output_dir), distributed.world()[1]
+    if cfg.prompts_per_step % world_size:
+        raise ValueError(
+            f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {world_size}: each rank "
+            "trains whole groups of its own prompts (groups never straddle ranks)"
+        )
+    device = distributed.device()
+    distributed.init(device)  # torchrun: nccl on CUDA, gloo on CPU; a missing backend fails here
     out.mkdir(parents=True, exist_ok=True)
     seed_all(cfg.seed)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = policy.load_tokenizer(cfg.model)
     rows = data.load(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.prompt_column, cfg.answer_column)
     funcs = {name: rewards.resolve(name, cfg.max_new_tokens) for name in cfg.rewards}
     weights = cfg.reward_weights or [1.0] * len(funcs)
-    if cfg.prompts_per_step % world()[1]:
-        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must divide evenly over {world()[1]} ranks")
     model, ref = policy.load_policy(cfg, tokenizer, device)
     transformers.utils.logging.disable_progress_bar()  # checkpoint writes would break the run's own bar
     check_inputs(cfg, model, rows, funcs, weights)
+    model, ref = distributed.parallelize(model, ref, cfg.parallel)
     optimizer, scheduler = make_optimizer(cfg, model)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     order = data.PromptOrder(len(rows), cfg.seed)
     ckpt_dir, metrics_path = out / "checkpoints", out / "metrics.jsonl"
     step, position = start(cfg, out, model, optimizer, scheduler, gen)
-    (out / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
-    written = []
-    bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=not cfg.progress, desc="grpo")
+    main, sharded = distributed.is_main(), isinstance(model, distributed.Runner)
+    if main:
+        (out / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
+    written, show = [], cfg.progress and main
+    bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=not show, desc="grpo")
     for step in bar:
-        batch, prompt_ids = draw(rows, order, position, cfg, tokenizer, device)
+        batch, prompt_ids, first = draw(rows, order, position, cfg, tokenizer, device)
         position += cfg.prompts_per_step
         row, prompts, completions, r = train_step(
-            step, cfg, model, ref, optimizer, scheduler, batch, prompt_ids, funcs, weights, tokenizer, gen
+            step, cfg, model, ref, optimizer, scheduler, batch, prompt_ids, first, funcs, weights, tokenizer, gen
         )
-        run_log.append_jsonl(metrics_path, row)
         written.append(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         done = step + 1
-        if cfg.log_samples_steps and (done % cfg.log_samples_steps == 0 or done == 1):
-            run_log.append_jsonl(out / "samples.jsonl", run_log.samples(done, prompts, completions, r))
-        if (cfg.plot_steps and done % cfg.plot_steps == 0) or done == cfg.max_steps:
-            run_log.plot_rewards(metrics_path, out / "reward_curve.png")
+        if main:  # rank 0 writes the logs (rows are reduced over ranks; samples are rank 0's)
+            run_log.append_jsonl(metrics_path, row)
+            if cfg.log_samples_steps and (done % cfg.log_samples_steps == 0 or done == 1):
+                run_log.append_jsonl(out / "samples.jsonl", run_log.samples(done, prompts, completions, r))
+            if (cfg.plot_steps and done % cfg.plot_steps == 0) or done == cfg.max_steps:
+                run_log.plot_rewards(metrics_path, out / "reward_curve.png")
         if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
             state = {"data_position": position}
-            checkpoint.save(ckpt_dir, done, model, optimizer, scheduler, gen, state, cfg.keep_checkpoints)
-    model.save_pretrained(out / "final")
-    tokenizer.save_pretrained(out / "final")
+            checkpoint.save(ckpt_dir, done, model, optimizer, scheduler, gen, state, cfg.keep_checkpoints, sharded)
+    save_final(model, tokenizer, out)
     return written
 
 
@@ -348,8 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(config.parse(argv))
     except ValueError as e:  # bad input (including reward errors): one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        rank, world_size = distributed.world()
+        print(f"error{f' (rank {rank})' if world_size > 1 else ''}: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.close()
     return 0
 
 

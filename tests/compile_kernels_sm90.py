@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
-from grpo_fast.kernels import fused_linear_grpo as fl
-from grpo_fast.kernels import grpo_loss as gl
-from grpo_fast.kernels import selective_log_softmax as sls
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
 from grpo_fast import kernels as kernels_pkg
+from grpo_fast.kernels import fused_linear_grpo as fl
+from grpo_fast.kernels import grpo_loss as gl
+from grpo_fast.kernels import selective_log_softmax as sls
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100: sm_90, warp size 32
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64"}

@@ -8,10 +8,10 @@ vocabulary chunks, the last ones partial.
 
 import pytest
 import torch
-from grpo_fast.kernels import fused_linear_grpo as kernels
 
 import grpo_fast
 from grpo_fast import fused_linear, reference
+from grpo_fast.kernels import fused_linear_grpo as kernels
 
 PATHS = ("triton", "torch")
 B, T, H, V = 4, 7, 37, 131  # N = 28 spans two 16-token blocks; H, V odd against 64-wide tiles
