@@ -205,14 +205,8 @@ def _units(r: dict, case: Case, ceilings: dict) -> dict:
 
 def run(quick: bool, device: torch.device, ceilings: dict) -> list[dict]:
     """Every case x mode x provider as a row; see the module docstring for the units."""
-    rows = []
-    for case in cases(quick, device):
-        for mode in MODES:
-            for provider in PROVIDERS:
-                make = lambda p=provider, c=case, m=mode: bench_fn(p, c, m, device, quick)
-                r = common.run_provider(SUITE, case.name, mode, provider, make, device, quick)
-                rows.append(_units(r, case, ceilings))
-    return rows
+    units = lambda r, case: _units(r, case, ceilings)
+    return common.run_grid(SUITE, cases(quick, device), MODES, PROVIDERS, bench_fn, units, device, quick)
 
 
 # pytest-benchmark: `pytest bench/bench_fused_linear.py --benchmark-only` (bench/ is not in CI's testpaths).

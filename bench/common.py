@@ -295,6 +295,18 @@ def run_provider(
             torch.cuda.empty_cache()
 
 
+def run_grid(suite: str, cases, modes, providers, bench_fn, units, device: torch.device, quick: bool) -> list[dict]:
+    """Every case x mode x provider as a row: `bench_fn(provider, case, mode, device, quick)` builds the callable,
+    `units(row, case)` adds the suite's physical units to an ok row."""
+    rows = []
+    for case in cases:
+        for mode in modes:
+            for provider in providers:
+                make = lambda p=provider, c=case, m=mode: bench_fn(p, c, m, device, quick)
+                rows.append(units(run_provider(suite, case.name, mode, provider, make, device, quick), case))
+    return rows
+
+
 def status_text(r: dict) -> str:
     return "ok" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
 
