@@ -111,8 +111,10 @@ def _grpo_token_kernel(
     t = tok % T
     active = tl.load(mask_ptr + tok) != 0.0
     row_ptr = logits_ptr + b * stride_lb + t * stride_lt
-    lse, mean_x = _row_logsumexp(row_ptr, V, tl.where(active, V, 0), inv_temp, BLOCK_V, True)  # loop 1
-    lse = tl.where(active, lse, 0.0)
+    lse = 0.0
+    mean_x = 0.0
+    if active:  # a masked row is not read (a branch, not a data-dependent loop bound: portable to older interpreters)
+        lse, mean_x = _row_logsumexp(row_ptr, V, inv_temp, BLOCK_V, True)  # loop 1
     target = tl.load(ids_ptr + tok)
     logp = tl.load(row_ptr + target, mask=active, other=0.0).to(tl.float32) * inv_temp - lse
     old = logp  # old_logps = logp.detach(): ratio 1

@@ -16,8 +16,8 @@ from grpo_fast.backend import interpreted
 
 
 @triton.jit
-def _row_logsumexp(row_ptr, V, n_cols, inv_temp, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
-    """Online log-sum-exp of x = row[:V] / T over the first `n_cols` columns (V, or 0 to skip the row).
+def _row_logsumexp(row_ptr, V, inv_temp, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    """Online log-sum-exp of x = row[:V] / T.
 
     Returns fp32 scalars (lse, E_softmax[x]); E[x] (for entropy = lse - E[x]) is 0 unless WITH_ENTROPY.
     """
@@ -25,7 +25,7 @@ def _row_logsumexp(row_ptr, V, n_cols, inv_temp, BLOCK_V: tl.constexpr, WITH_ENT
     m = float("-inf")
     s = 0.0
     u = 0.0
-    for start in range(0, n_cols, BLOCK_V):
+    for start in range(0, V, BLOCK_V):
         valid = start + cols < V
         x = tl.load(row_ptr + start + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp  # (BLOCK_V,)
         x = tl.where(valid, x, float("-inf"))
@@ -87,7 +87,7 @@ def _fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_n
-    lse, mean_x = _row_logsumexp(row_ptr, V, V, inv_temp, BLOCK_V, WITH_ENTROPY)
+    lse, mean_x = _row_logsumexp(row_ptr, V, inv_temp, BLOCK_V, WITH_ENTROPY)
     target = tl.load(ids_ptr + row)
     x_t = tl.load(row_ptr + target).to(tl.float32) * inv_temp
     tl.store(logp_ptr + row, x_t - lse)
