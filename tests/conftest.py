@@ -21,3 +21,14 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def trainer_cpu_path(monkeypatch):
+    """The trainer as `python -m grpo_fast.train` runs it on a CPU: the chunked torch path (no interpreter), one
+    torch thread (tiny models: a second thread only spins when the CI cores are busy); restored afterwards."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

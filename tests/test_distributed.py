@@ -41,12 +41,7 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(autouse=True)
-def _cpu_path(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the trainer's CPU path, as in the subprocesses
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("trainer_cpu_path")
 
 
 def free_port() -> int:

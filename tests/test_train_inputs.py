@@ -7,19 +7,11 @@ import math
 import re
 
 import pytest
-import torch
 
 from grpo_fast import config, data, rewards, train
 from grpo_fast.config import PRESETS, Config
 
-
-@pytest.fixture(autouse=True)
-def _cpu_path(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only spins when the CI cores are busy
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("trainer_cpu_path")
 
 
 def tiny_cfg(tmp_path, **kw) -> Config:

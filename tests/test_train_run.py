@@ -20,14 +20,7 @@ METRIC_KEYS = {  # issue 5: every field of a metrics.jsonl row
 TIMINGS = {"tokens_per_s", "rollout_s", "update_s", "peak_mem_mb"}
 
 
-@pytest.fixture(autouse=True)
-def _cpu_path(monkeypatch):
-    # the trainer on a CPU runs the chunked torch path (no TRITON_INTERPRET): what `python -m grpo_fast.train` does
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only spins when the CI cores are busy
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("trainer_cpu_path")
 
 
 def tiny_cfg(tmp_path, **kw) -> Config:
