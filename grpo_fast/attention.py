@@ -1,31 +1,77 @@
-"""Attention for the shared-prefix engine (DESIGN.md, "Shared prefix"): packed-row masks for training and the
-cascade attention that rollouts decode with.
+"""Attention of the shared-prefix training forward (DESIGN.md, "Shared prefix"), and the pieces the rollout
+cascade (cascade.py) shares with it.
 
-Training rows are `[P | C1 | ... | CG]`, described by a segment id per token: 0 for the prompt, i for the
-tokens of completion i, -1 for the padding at the end of a row. A token keeps
+Training rows are `[P | C1 | ... | CG]`, described by a segment id per token (0 for the prompt, i for the
+tokens of completion i, -1 for the padding at the end of a row) and a position per token (0..Lp-1 for P,
+restarting at Lp for every Ci). A token keeps
 `keep(q, kv) = kv <= q and (seg[kv] == 0 or seg[kv] == seg[q])`: causal within its own completion and over
-the whole prompt. Padding queries see the prompt and earlier padding, so no softmax row is empty (an empty
-row is NaN in SDPA, and NaN * 0 in backward would still poison the gradients).
+the whole prompt; in a sliding-window layer also `pos[q] - pos[kv] < window`, transformers' window semantics
+(`sliding_window_overlay`: the query itself counts, a key `window` positions back is out) in position terms,
+which equal the index terms of the unpacked row [P | Ci]. Padding queries see the prompt and earlier padding,
+so no softmax row is empty (an empty row is NaN in SDPA, and NaN * 0 in backward would still poison the
+gradients).
 
-Rollouts register one attention function with transformers' `AttentionInterface`; it runs in two modes:
-`prefill` (batch 1, one prompt: causal SDPA, and the prompt's K/V are copied into a (B, kv_heads, Lp, d)
-buffer, once per prompt) and `decode` (B*G rows, one token each: attention over the shared prompt K/V and
-over the row's own K/V, merged by log-sum-exp). Its buffers are preallocated, so a decode step has static
-shapes.
+Each layer gets the mask of its own window: the model runs under the `PACKED` attention implementation, and
+`packed_attention` picks the mask for the `sliding_window` the layer passes (the value transformers hands to
+flash-attention, so it is the model's own per-layer choice, whatever config fields it came from). It then calls
+transformers' own kernels: FlexAttention with a BlockMask on CUDA (soft-capping in its score_mod, attention
+sinks renormalized by its log-sum-exp), SDPA with a dense boolean mask elsewhere, or the model's own eager
+function with an additive mask when the layer soft-caps its attention scores or adds sinks (SDPA does neither).
+Kwargs the engine does not know raise `UnsupportedModelError` instead of being ignored.
 """
 
 from __future__ import annotations
 
-import contextlib
+import sys
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 BACKENDS = ("auto", "sdpa", "flex")
-CASCADE = "grpo_fast_cascade"
-_IMPLEMENTATION = {"sdpa": "sdpa", "flex": "flex_attention"}
+PACKED = "grpo_fast_packed"
+# The implementation names a model that attends in its own code (not through AttentionInterface) must see.
+LEGACY_NAMES = {"sdpa": "sdpa", "flex": "flex_attention"}
+# Kwargs models pass to their attention function that do not change what it computes.
+_INERT = {"position_ids", "use_cache", "output_attentions", "output_router_logits", "cache_position"}
+_HANDLED = {"sliding_window", "s_aux", "softcap", "is_causal", "grpo_packed"}
+
+
+class UnsupportedModelError(ValueError):
+    """The engine cannot run this model exactly: raised instead of computing something else."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a layer asks of its attention beyond softmax(q k^T * scaling) v under a causal mask."""
+
+    window: int | None  # sliding window in positions (transformers' semantics), None = full attention
+    sinks: torch.Tensor | None  # (heads,) learned logits added once to every softmax denominator (GPT-OSS)
+    softcap: float | None  # scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2)
+
+
+def attention_options(module, kwargs: dict, where: str) -> Options:
+    """Reads the attention kwargs a layer passed; refuses the ones `where` cannot honour."""
+    name = type(module).__name__
+    unknown = sorted(k for k, v in kwargs.items() if k not in _INERT | _HANDLED and v is not None)
+    if unknown:
+        raise UnsupportedModelError(
+            f"{name} passes {', '.join(unknown)} to its attention function, which {where} does not implement"
+        )
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        raise UnsupportedModelError(f"{name} attends bidirectionally; {where} is causal")
+    window = kwargs.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise UnsupportedModelError(f"{name} passes sliding_window={window!r}, which {where} cannot use")
+    return Options(window, kwargs.get("s_aux"), kwargs.get("softcap"))
+
+
+def routes_through_interface(model) -> bool:
+    """Whether the model's code looks its attention function up in transformers' AttentionInterface (every
+    model rewritten for transformers v5; not e.g. Falcon, which attends in its own code)."""
+    return hasattr(sys.modules.get(type(model).__module__), "ALL_ATTENTION_FUNCTIONS")
 
 
 def resolve_backend(attention: str, device: torch.device) -> str:
@@ -38,120 +84,120 @@ def resolve_backend(attention: str, device: torch.device) -> str:
     return attention
 
 
-def set_backend(config, backend: str) -> None:
-    """Points the model's attention at `backend`, persistently: gradient checkpointing recomputes attention during
+def use_implementation(config, name: str) -> None:
+    """Points the model's attention at `name`, persistently: gradient checkpointing recomputes attention during
     backward, after any context manager around the forward would have exited."""
-    if config._attn_implementation != _IMPLEMENTATION[backend]:
-        config._attn_implementation = _IMPLEMENTATION[backend]
+    if config._attn_implementation != name:
+        config._attn_implementation = name
 
 
-def packed_mask(segments: torch.Tensor, backend: str):
-    """The shared-prefix mask of packed rows. segments (R, L) int -> bool (R, 1, L, L) (True = attend) for SDPA,
-    or a FlexAttention BlockMask (O(R * L^2 / 128^2) bytes instead of R * L^2)."""
+def _keep(segments, positions, window: int | None, b, q, kv):
+    """The packed keep rule for index tensors b, q, kv (broadcast together); shared by the dense and flex masks."""
+    seg_kv = segments[b, kv]
+    keep = (kv <= q) & ((seg_kv == 0) | (seg_kv == segments[b, q]))
+    if window is not None:
+        keep = keep & (positions[b, q] - positions[b, kv] < window)
+    return keep
+
+
+def packed_mask(segments: torch.Tensor, positions: torch.Tensor, backend: str, window: int | None = None):
+    """The shared-prefix mask of packed rows, within `window` positions if given. segments, positions (R, L)
+    long -> bool (R, 1, L, L) (True = attend) for SDPA, or a FlexAttention BlockMask (O(R * L^2 / 128^2) bytes
+    instead of R * L^2)."""
     R, L = segments.shape
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
         def mask_mod(b, h, q, kv):
-            seg_kv = segments[b, kv]
-            return (kv <= q) & ((seg_kv == 0) | (seg_kv == segments[b, q]))
+            return _keep(segments, positions, window, b, q, kv)
 
         return create_block_mask(mask_mod, B=R, H=None, Q_LEN=L, KV_LEN=L, device=segments.device)
     idx = torch.arange(L, device=segments.device)
-    causal = idx[None, :] <= idx[:, None]  # (L, L)
-    same = segments[:, :, None] == segments[:, None, :]  # (R, L, L)
-    keep = causal & (same | (segments == 0)[:, None, :])
-    return keep[:, None]  # (R, 1, L, L)
+    b = torch.arange(R, device=segments.device)[:, None, None]
+    return _keep(segments, positions, window, b, idx[None, :, None], idx[None, None, :])[:, None]  # (R, 1, L, L)
 
 
 @dataclass
-class CascadeState:
-    """Rollout K/V: per layer, the prompts' K/V once (B, kv_heads, Lp_max, d) and every row's own K/V
-    (B*G, kv_heads, max_new, d). Rows b*G .. b*G+G-1 belong to prompt b."""
+class PackedMasks:
+    """The masks of one packed forward, one per window the layers ask for, built on first use (gradient
+    checkpointing's recompute reuses them). `calls` counts the attention calls that went through
+    `packed_attention` with this object: 0 after a forward means the model does not pass forward kwargs down to its
+    attention function, so no layer could be given its window."""
 
-    prompt_lengths: torch.Tensor  # (B,) long
-    group_size: int
-    max_new: int
-    mode: str = "prefill"
-    prompt: int = 0  # the prompt being prefilled
-    step: torch.Tensor | None = None  # 0-d long: the own-KV slot the decoded token writes
-    prefix_k: dict = field(default_factory=dict)
-    prefix_v: dict = field(default_factory=dict)
-    own_k: dict = field(default_factory=dict)
-    own_v: dict = field(default_factory=dict)
+    segments: torch.Tensor  # (R, L) long
+    positions: torch.Tensor  # (R, L) long
+    backend: str  # "sdpa" or "flex"
+    calls: int = 0
+    built: dict = field(default_factory=dict)
 
-    def store_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        if layer not in self.prefix_k:
-            B, Lp = self.prompt_lengths.numel(), int(self.prompt_lengths.max())
-            shape = (B, k.shape[1], Lp, k.shape[3])
-            self.prefix_k[layer] = k.new_zeros(shape)
-            self.prefix_v[layer] = v.new_zeros(shape)
-        self.prefix_k[layer][self.prompt, :, : k.shape[2]] = k[0]
-        self.prefix_v[layer][self.prompt, :, : v.shape[2]] = v[0]
-
-    def store_own(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer not in self.own_k:
-            shape = (k.shape[0], k.shape[1], self.max_new, k.shape[3])
-            self.own_k[layer] = k.new_zeros(shape)
-            self.own_v[layer] = v.new_zeros(shape)
-        self.own_k[layer].index_copy_(2, self.step.view(1), k)
-        self.own_v[layer].index_copy_(2, self.step.view(1), v)
-        return self.own_k[layer], self.own_v[layer]
+    def get(self, window: int | None):
+        if window not in self.built:
+            self.built[window] = packed_mask(self.segments, self.positions, self.backend, window)
+        return self.built[window]
 
 
-def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scaling: float):
-    """Softmax attention and its log-sum-exp. q (..., M, d), k/v (..., S, d), keep broadcast to (..., M, S)."""
+def _model_eager(module):
+    """The model's own eager attention function (it implements sinks and soft-capping as the model defines them)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} soft-caps its attention or adds sinks, and its module has no "
+            "eager_attention_forward for the engine to run"
+        )
+    return fn
+
+
+def _additive(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """A boolean mask (or None: causal, bottom-right aligned as SDPA's skipped mask) as the additive float mask
+    eager attention adds to its scores."""
+    if mask is None:
+        Lq, Lk = query.shape[-2], key.shape[-2]
+        mask = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril(Lk - Lq)
+    return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~mask, torch.finfo(query.dtype).min)
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface function of `PACKED`. query (R, heads, L, d), key/value (R, kv_heads, L, d) ->
+    ((R, L, heads, d), weights or None). In a packed forward (`grpo_packed` kwarg) the mask is the one of the
+    layer's window; otherwise (an ordinary forward of a model left on PACKED) it is the one transformers built."""
+    masks: PackedMasks | None = kwargs.get("grpo_packed")
+    opts = attention_options(module, kwargs, "the packed forward")
+    if masks is not None:
+        masks.calls += 1
+        attention_mask = masks.get(opts.window)
+        if masks.backend == "flex":
+            from transformers.integrations.flex_attention import flex_attention_forward
+
+            mask = attention_mask
+            return flex_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    if opts.sinks is None and opts.softcap is None:
+        mask = attention_mask
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    mask = _additive(attention_mask, query, key)
+    return _model_eager(module)(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(PACKED, packed_attention)
+AttentionMaskInterface.register(PACKED, sdpa_mask)  # ordinary forwards get SDPA's boolean masks (windows included)
+
+
+def partial_attention(q, k, v, keep, scaling: float, softcap: float | None = None):
+    """Softmax attention over the kept keys and its log-sum-exp, in fp32. q (..., M, d), k/v (..., S, d), keep
+    broadcast to (..., M, S) -> ((..., M, d), (..., M, 1)); a row with no kept key gives 0 and lse -inf."""
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scaling  # (..., M, S)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (..., M, 1)
-    out = torch.matmul(torch.exp(scores - lse).to(v.dtype), v).float()  # (..., M, d)
-    return out, lse
+    probs = torch.exp(scores - lse.clamp_min(torch.finfo(lse.dtype).min))  # an empty row: exp(-inf) = 0
+    return torch.matmul(probs.to(v.dtype), v).float(), lse
 
 
-def _decode(state: CascadeState, layer: int, q, k, v, scaling: float) -> torch.Tensor:
-    N, h, _, d = q.shape  # (B*G, heads, 1, d)
-    B, G, kvh = N // state.group_size, state.group_size, k.shape[1]
-    r = h // kvh
-    # The prefix pass reads each prompt's K/V once for its G rows: the G*r queries of a kv head are one batch.
-    qp = q.reshape(B, G, kvh, r, d).transpose(1, 2).reshape(B, kvh, G * r, d)
-    pk, pv = state.prefix_k[layer], state.prefix_v[layer]  # (B, kvh, Lp_max, d)
-    in_prompt = torch.arange(pk.shape[2], device=q.device) < state.prompt_lengths[:, None]  # (B, Lp_max)
-    o1, l1 = _partial(qp, pk, pv, in_prompt[:, None, None, :], scaling)  # (B, kvh, G*r, d)
-    o1 = o1.view(B, kvh, G, r, d).transpose(1, 2).reshape(N, kvh, r, d)
-    l1 = l1.view(B, kvh, G, r, 1).transpose(1, 2).reshape(N, kvh, r, 1)
-    ok, ov = state.store_own(layer, k, v)  # (N, kvh, max_new, d)
-    seen = torch.arange(state.max_new, device=q.device) <= state.step  # (max_new,)
-    o2, l2 = _partial(q.reshape(N, kvh, r, d), ok, ov, seen, scaling)  # (N, kvh, r, d)
-    lse = torch.logaddexp(l1, l2)
-    out = o1 * torch.exp(l1 - lse) + o2 * torch.exp(l2 - lse)  # (N, kvh, r, d)
-    return out.reshape(N, 1, h, d).to(q.dtype)
-
-
-def cascade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface function. query (N, heads, q_len, d), key/value (N, kv_heads, q_len, d) ->
-    ((N, q_len, heads, d), None)."""
-    state: CascadeState = kwargs["grpo_cascade"]
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("generate_groups does not support sliding-window attention layers")
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    layer = module.layer_idx
-    if state.mode == "prefill":
-        state.store_prefix(layer, key, value)
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-    return _decode(state, layer, query, key, value, scaling), None
-
-
-AttentionInterface.register(CASCADE, cascade_attention)
-
-
-@contextlib.contextmanager
-def cascade_implementation(config):
-    """Routes the model's attention through `cascade_attention` for the duration (inference only). The name is
-    not a registered mask function, so transformers builds no mask for it."""
-    previous = config._attn_implementation
-    config._attn_implementation = CASCADE
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+def merge_partials(parts, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Merges partial attentions [(out, lse)] over disjoint key sets into one softmax; `sinks` (broadcast to the
+    lse shape) enter the denominator once, as a key whose value is 0."""
+    lses = [lse for _, lse in parts]
+    if sinks is not None:
+        lses.append(sinks.float().expand_as(lses[0]))
+    total = torch.logsumexp(torch.stack(lses), dim=0)
+    return sum(out * torch.exp(lse - total) for out, lse in parts)

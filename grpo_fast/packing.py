@@ -10,12 +10,22 @@ which equals G separate rows. The decoder's final (normed) hidden states go stra
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from . import checks
-from .attention import packed_mask, resolve_backend, set_backend
+from .attention import (
+    LEGACY_NAMES,
+    PACKED,
+    PackedMasks,
+    UnsupportedModelError,
+    packed_mask,
+    resolve_backend,
+    routes_through_interface,
+    use_implementation,
+)
 
 PAD_SEGMENT = -1
 
@@ -23,6 +33,13 @@ PAD_SEGMENT = -1
 def causal_lm(model):
     """The transformers causal LM inside `model` (a peft wrapper keeps its LoRA layers injected there)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_stack(model):
+    """The decoder stack (embeddings, layers, final norm) of the causal LM inside `model`."""
+    base = causal_lm(model)
+    inner = base.get_decoder()
+    return getattr(base, "model", inner) if inner is base else inner  # e.g. Llama4ForCausalLM returns itself
 
 
 def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -138,8 +155,42 @@ def pack(prompts, completion_ids, lengths: list[int], group_size: int, shared_pr
     return Packed(input_ids, position_ids, segments, torch.cat(srcs), torch.cat(dsts))
 
 
+# Models whose attention functions do not receive the decoder's forward kwargs (e.g. StableLM), or that attend in
+# their own code rather than through transformers' AttentionInterface (e.g. Falcon): one mask for every layer.
+_ONE_MASK = weakref.WeakSet()
+
+
+def _run(base, packed: Packed, mask, **kwargs) -> torch.Tensor:
+    out = decoder_stack(base)(
+        input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids, use_cache=False, **kwargs
+    )
+    return out.last_hidden_state  # (R, L, H), after the final norm
+
+
+def _decoder_hidden(base, packed: Packed, backend: str) -> torch.Tensor:
+    """The decoder on packed rows -> (R, L, H). Under the PACKED implementation each layer gets the mask of its
+    own window (attention.py). A model whose layers never see the `grpo_packed` kwarg (found on its first
+    forward, which is then run again) gets the full mask under SDPA / FlexAttention: exact only without windows."""
+    if base not in _ONE_MASK and routes_through_interface(base):
+        use_implementation(base.config, PACKED)
+        masks = PackedMasks(packed.segments, packed.position_ids, backend)
+        hidden = _run(base, packed, masks.get(None), grpo_packed=masks)
+        if masks.calls:
+            return hidden
+    _ONE_MASK.add(base)
+    config = base.config
+    if getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        raise UnsupportedModelError(
+            f"{type(base).__name__} has sliding-window layers but does not pass forward kwargs down to its attention "
+            "function (or attends in its own code): the packed forward cannot give each layer its window"
+        )
+    use_implementation(config, LEGACY_NAMES[backend])
+    return _run(base, packed, packed_mask(packed.segments, packed.position_ids, backend))
+
+
 def _packed_hidden(model, prompts, completion_ids, completion_mask, group_size, shared_prefix, attention):
-    """Checks the inputs, packs them and runs the decoder. Returns ((R*L, H) final hidden states, Packed, lengths)."""
+    """Checks the inputs (and, once per model, the engine against the model's own forward: guard.py), packs them
+    and runs the decoder. Returns ((R*L, H) final hidden states, Packed, lengths)."""
     check_group_size(group_size)
     checks.choice(attention, "attention", ("auto", "sdpa", "flex"))
     weight, _ = lm_head(model)
@@ -152,19 +203,11 @@ def _packed_hidden(model, prompts, completion_ids, completion_mask, group_size, 
     longest = [max(lengths[b * group_size : (b + 1) * group_size]) for b in range(len(prompts))]
     if limit is not None and max(Lp + n for Lp, n in zip(Lps, longest)) > limit:
         raise ValueError(f"prompt + completion is longer than the model's position limit {limit} (completion_ids)")
-    base = causal_lm(model)
-    if "sliding_attention" in (getattr(base.config, "layer_types", None) or ()):
-        raise NotImplementedError("sliding-window attention layers are not supported by the packed forward")
+    from .guard import check_model  # guard.py imports this module
+
+    check_model(model, "training")  # once per model: the packed forward must equal the model's own forward
     packed = pack(prompts, completion_ids, lengths, group_size, shared_prefix)
-    backend = resolve_backend(attention, weight.device)
-    set_backend(base.config, backend)
-    out = base.get_decoder()(
-        input_ids=packed.input_ids,
-        attention_mask=packed_mask(packed.segments, backend),
-        position_ids=packed.position_ids,
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state  # (R, L, H), after the final norm
+    hidden = _decoder_hidden(causal_lm(model), packed, resolve_backend(attention, weight.device))
     return hidden.reshape(-1, hidden.shape[-1]), packed, lengths
 
 
@@ -183,7 +226,9 @@ def completion_hidden_states(
 
     prompts: B unpadded 1-D LongTensors; completion_ids, completion_mask: (B*G, Tc), groups of G consecutive
     rows, the mask 1 up to and including EOS. `attention`: "auto" (FlexAttention BlockMask on CUDA, SDPA with a
-    dense boolean mask elsewhere), "sdpa" or "flex"; the model's attn_implementation is switched to match.
+    dense boolean mask elsewhere), "sdpa" or "flex"; the model is pointed at the engine's attention, persistently
+    (attention.py: each layer gets its sliding window; ordinary forwards stay exact). A model the engine cannot
+    reproduce raises UnsupportedModelError on first use (guard.py).
     """
     hidden, packed, _ = _packed_hidden(
         model, prompts, completion_ids, completion_mask, group_size, shared_prefix, attention

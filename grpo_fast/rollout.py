@@ -2,7 +2,7 @@
 
 `generate(num_return_sequences=G)` prefills every prompt G times and keeps G copies of its K/V. Here each
 prompt runs once at batch 1, its K/V is kept once, and the group's G rows decode against it through cascade
-attention (grpo_fast/attention.py): a prompt of Lp tokens costs Lp token-forwards and Lp K/V slots per layer
+attention (grpo_fast/cascade.py): a prompt of Lp tokens costs Lp token-forwards and Lp K/V slots per layer
 instead of G * Lp. Decode buffers are preallocated (static shapes per step) and the host checks whether every
 row has finished only every `_CHECK_EVERY` steps.
 """
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import checks
-from .attention import CascadeState, cascade_implementation
-from .packing import causal_lm, check_group_size, check_prompts, lm_head, position_limit
+from . import checks, guard
+from .cascade import CascadeState, cascade_implementation
+from .packing import causal_lm, check_group_size, check_prompts, decoder_stack, lm_head, position_limit
 
 _CHECK_EVERY = 8  # decode steps between host syncs that test "all rows finished"
 
@@ -88,7 +88,7 @@ def _prefill(decoder, head, prompts, state: CascadeState) -> torch.Tensor:
     for b, p in enumerate(prompts):
         state.prompt = b
         positions = torch.arange(p.numel(), device=p.device)[None]
-        out = decoder(input_ids=p[None], position_ids=positions, use_cache=False, grpo_cascade=state)
+        out = decoder(input_ids=p[None], position_ids=positions, use_cache=False)
         last.append(out.last_hidden_state[0, -1])  # (H,)
     return F.linear(torch.stack(last), *head).float()
 
@@ -97,7 +97,7 @@ def _decode_step(decoder, head, tokens, positions, state: CascadeState, step: in
     """Feeds one token per row (N,) at `positions` (N,); returns the next-token logits (N, V) fp32."""
     state.mode = "decode"
     state.step = torch.tensor(step, device=tokens.device)
-    out = decoder(input_ids=tokens[:, None], position_ids=positions[:, None], use_cache=False, grpo_cascade=state)
+    out = decoder(input_ids=tokens[:, None], position_ids=positions[:, None], use_cache=False)
     return F.linear(out.last_hidden_state[:, -1], *head).float()
 
 
@@ -152,6 +152,7 @@ def generate_groups(
     pads = _token_ids(pad_token_id, getattr(gen_config, "pad_token_id", None), "pad_token_id")
     pad = pads[0] if pads else (eos[0] if eos else 0)
     checks.ids_in_range(torch.tensor(eos + [pad]), weight.shape[0], "eos_token_id/pad_token_id")
+    guard.check_model(model, "rollouts")  # once per model: the cascade must equal the model's own forward
 
     dev, G = weight.device, group_size
     state = CascadeState(torch.tensor(lengths, device=dev), G, max_new_tokens)
@@ -159,8 +160,8 @@ def generate_groups(
     was_training = base.training
     base.eval()  # no dropout (LoRA's included) while sampling
     try:
-        with cascade_implementation(base.config):
-            decoder = base.get_decoder()
+        with cascade_implementation(base, state):
+            decoder = decoder_stack(base)
             logits = _prefill(decoder, (weight, bias), prompts, state).repeat_interleave(G, dim=0)  # (B*G, V)
             sampling = (temperature, top_k, top_p, generator)
             tokens, was_done = _decode(decoder, (weight, bias), logits, positions, state, eos, pad, sampling)
@@ -171,3 +172,22 @@ def generate_groups(
     Tc = max(int(completion_lengths.max()), 1)
     finished = torch.isin(tokens, torch.tensor(eos, dtype=torch.long, device=dev)) & mask.bool()
     return Rollout(list(prompts), G, tokens[:, :Tc], mask[:, :Tc], completion_lengths, finished.any(1), pad)
+
+
+@torch.no_grad()
+def rollout_logps(model, prompts: list[torch.Tensor], completion_ids: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Log-probs (B*G, Tc) fp32 of given completions under the rollout engine, teacher-forced: each prompt
+    prefilled once, then cascade decode steps fed the given tokens; the distribution generate_groups samples
+    from at temperature 1. Internal (no input checks): the guard compares it with the model's own forward."""
+    base, head = causal_lm(model), lm_head(model)
+    N, Tc = completion_ids.shape
+    lengths = torch.tensor([p.numel() for p in prompts], device=completion_ids.device)
+    state = CascadeState(lengths, group_size, Tc)
+    positions = lengths.repeat_interleave(group_size)  # (N,)
+    with cascade_implementation(base, state):
+        decoder = decoder_stack(base)
+        steps = [_prefill(decoder, head, prompts, state).repeat_interleave(group_size, dim=0)]  # (N, V)
+        for t in range(Tc - 1):
+            steps.append(_decode_step(decoder, head, completion_ids[:, t], positions + t, state, t))
+    logits = torch.stack(steps, 1)  # (N, Tc, V)
+    return logits.log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from grpo_fast import Rollout, generate_groups
+from grpo_fast.guard import check_model
 
 V, EOS, PAD, G = 101, 2, 0, 4
 CONFIGS = {
@@ -63,6 +64,7 @@ def test_greedy_equals_generate_and_prefills_once(arch, tmp_path):
     # an EOS the greedy path actually emits, so rows stop early and at different steps
     eos = int(greedy_tokens(model, ps[0], 5)[4])
     stop = int((greedy_tokens(model, ps[0], 5) == eos).nonzero()[0]) + 1
+    check_model(model)  # the guard's forwards come on a model's first use: run them before counting
     calls = []
     hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
     ro = generate_groups(model, ps, G, max_new_tokens=7, temperature=0, eos_token_id=eos, pad_token_id=PAD)
