@@ -133,7 +133,8 @@ def training_rows(model, quick: bool, device: torch.device) -> list[dict]:
 
 
 def run(quick: bool, device: torch.device, ceilings: dict) -> list[dict]:
-    # generate() runs on SDPA; sequence_logps(attention="auto") then switches the model to FlexAttention on CUDA
+    # generate() runs on SDPA; sequence_logps then points the model at the engine's packed attention (FlexAttention
+    # on CUDA), after the guard's one check of the model (guard.py)
     model = build_model(quick, device)
     return rollout_rows(model, quick, device) + training_rows(model, quick, device)
 

@@ -37,7 +37,8 @@ def _hf_model(cfg, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch.bfloat16 if device.type == "cuda" and cfg.bf16 else torch.float32}
-    kwargs["attn_implementation"] = "sdpa"  # dense boolean masks on CPU; the packing engine picks its own on CUDA
+    # transformers' default attention (SDPA where the model supports it, else eager: GPT-OSS, Gemma 2); the engine
+    # points the model at its own packed and cascade attention anyway (attention.py, cascade.py)
     if cfg.load_in_4bit:
         if importlib.util.find_spec("bitsandbytes") is None or device.type != "cuda":
             raise ValueError("load_in_4bit needs bitsandbytes installed and a CUDA GPU")

@@ -34,7 +34,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from . import checkpoint, config, data, distributed, policy, rewards, run_log
+from . import checkpoint, config, data, distributed, guard, policy, rewards, run_log
 from .fused_linear import fused_linear_grpo_loss, fused_linear_logps
 from .loss import group_advantages
 from .packing import completion_hidden_states, lm_head
@@ -84,6 +84,7 @@ def check_inputs(cfg, model, rows, funcs, weights) -> None:
         raise ValueError(f"dataset has no answer column {cfg.answer_column!r}; columns: {list(first[0])}")
     prompts = [r[cfg.prompt_column] for r in first]
     rewards.score(funcs, weights, prompts, [""] * len(first), [[] for _ in first], columns_of(first, cfg))
+    guard.check_model(model)  # the engine must reproduce the model's own forward (training and rollouts)
 
 
 def columns_of(rows: list[dict], cfg) -> dict[str, list]:
