@@ -63,11 +63,11 @@ ARCHS = {
     "llama": Arch(lambda: tf.LlamaConfig(**COMMON)),
     "qwen2": Arch(
         lambda: tf.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=W, max_window_layers=1),
-        why="`use_sliding_window`/`max_window_layers` (layer 1 of 2 sliding)",
+        why="`use_sliding_window`/`max_window_layers` (the second of 2 layers sliding)",
     ),
     "qwen3": Arch(lambda: tf.Qwen3Config(**COMMON, head_dim=8)),
-    "qwen2_moe": Arch(lambda: tf.Qwen2MoeConfig(**COMMON, **MOE, shared_expert_intermediate_size=16)),
-    "qwen3_moe": Arch(lambda: tf.Qwen3MoeConfig(**COMMON, **MOE, head_dim=8)),
+    "qwen2_moe": Arch(lambda: tf.Qwen2MoeConfig(**COMMON, **MOE, shared_expert_intermediate_size=16), why="MoE"),
+    "qwen3_moe": Arch(lambda: tf.Qwen3MoeConfig(**COMMON, **MOE, head_dim=8), why="MoE"),
     "gemma": Arch(lambda: tf.GemmaConfig(**COMMON, head_dim=8)),
     "gemma2": Arch(
         lambda: tf.Gemma2Config(
@@ -75,14 +75,14 @@ ARCHS = {
         ),
         training=LOGIT_TRANSFORM,
         rollouts=LOGIT_TRANSFORM,
-        why="final_logit_softcapping (logit transforms not yet applied by the engine)",
+        why="with `final_logit_softcapping` (as released): logit transforms not yet applied by the engine",
         attn="eager",
     ),
     "gemma2_no_final_cap": Arch(
         lambda: tf.Gemma2Config(
             **COMMON, head_dim=8, sliding_window=W, attn_logit_softcapping=0.5, final_logit_softcapping=None
         ),
-        why="sliding layers, attention soft-capping (the model's eager attention)",
+        why="without the final cap: sliding layers, attention soft-capping (the model's eager attention)",
         attn="eager",  # SDPA cannot soft-cap: transformers 5.17 drops the cap under SDPA, 5.24 refuses SDPA
     ),
     "gemma3_text": Arch(
