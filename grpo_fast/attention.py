@@ -100,6 +100,15 @@ def _keep(segments, positions, window: int | None, b, q, kv):
     return keep
 
 
+def flex_mask_mod(segments: torch.Tensor, positions: torch.Tensor, window: int | None):
+    """The packed keep rule as a FlexAttention mask_mod (b, h, q, kv index scalars -> bool)."""
+
+    def mask_mod(b, h, q, kv):
+        return _keep(segments, positions, window, b, q, kv)
+
+    return mask_mod
+
+
 def packed_mask(segments: torch.Tensor, positions: torch.Tensor, backend: str, window: int | None = None):
     """The shared-prefix mask of packed rows, within `window` positions if given. segments, positions (R, L)
     long -> bool (R, 1, L, L) (True = attend) for SDPA, or a FlexAttention BlockMask (O(R * L^2 / 128^2) bytes
@@ -108,9 +117,7 @@ def packed_mask(segments: torch.Tensor, positions: torch.Tensor, backend: str, w
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
-        def mask_mod(b, h, q, kv):
-            return _keep(segments, positions, window, b, q, kv)
-
+        mask_mod = flex_mask_mod(segments, positions, window)
         return create_block_mask(mask_mod, B=R, H=None, Q_LEN=L, KV_LEN=L, device=segments.device)
     idx = torch.arange(L, device=segments.device)
     b = torch.arange(R, device=segments.device)[:, None, None]

@@ -201,7 +201,7 @@ def batch():
 
 def own_logits(model, prompts, ids, mask) -> torch.Tensor:
     """(B*G, Tc, V) from the model's own forward, one row [P | Ci] at a time; 0 past each completion."""
-    out = torch.zeros(*ids.shape, V)
+    out = torch.zeros(*ids.shape, V, device=ids.device)
     for r in range(ids.shape[0]):
         p, n = prompts[r // G], int(mask[r].sum())
         out[r, :n] = model(torch.cat([p, ids[r, :n]])[None]).logits[0, p.numel() - 1 : -1].float()
@@ -222,8 +222,8 @@ def assert_grads_close(got: dict, want: dict, what: str) -> None:
 
 def loss_kwargs(logps: torch.Tensor) -> dict:
     gen = torch.Generator().manual_seed(4)
-    noise = lambda: 0.3 * torch.randn(logps.shape, generator=gen)  # noqa: E731
-    rewards = torch.rand(logps.shape[0], generator=gen)
+    noise = lambda: 0.3 * torch.randn(logps.shape, generator=gen).to(logps.device)  # noqa: E731
+    rewards = torch.rand(logps.shape[0], generator=gen).to(logps.device)
     return dict(rewards=rewards, group_size=G, old_logps=logps + noise(), ref_logps=logps + noise(), beta=0.04)
 
 
@@ -240,7 +240,7 @@ def greedy_generate(model, prompts) -> list[torch.Tensor]:
 
 def check_training(model, prompts, ids, mask, ref_logits) -> None:
     ref = torch.log_softmax(ref_logits, -1).gather(-1, ids[..., None]).squeeze(-1) * mask  # (B*G, Tc)
-    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
+    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(ref.device)
     kw = loss_kwargs(ref.detach())
     ref_loss, _ = grpo_loss(ref_logits, ids, mask, **kw)
     want_logps, want_loss = grads(model, (ref * weights).sum()), grads(model, ref_loss)
@@ -309,6 +309,17 @@ def test_matrix_exercises_windows_sinks_and_caps(arch, kwarg, tmp_path, monkeypa
     monkeypatch.setattr(cascade, "attention_options", ignoring)
     for message in verdicts(load(arch, tmp_path)).values():
         assert float(re.search(r"own forward by ([^ ]+) ", message).group(1)) > 0.01, message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention (forward and backward) needs CUDA")
+@pytest.mark.parametrize("arch", ["mistral", "gemma3_text", "gpt_oss", "gemma2_no_final_cap", "qwen2"])
+def test_flex_attention_on_cuda(arch, tmp_path):
+    """On CUDA, attention="auto" is FlexAttention with a block mask per window (sinks renormalized by its
+    log-sum-exp, soft-capping in its score_mod): the training checks of test_architecture hold there too."""
+    model = load(arch, tmp_path).cuda()
+    prompts, ids, mask = batch()
+    prompts, ids, mask = [p.cuda() for p in prompts], ids.cuda(), mask.cuda()
+    check_training(model, prompts, ids, mask, own_logits(model, prompts, ids, mask))
 
 
 def table() -> str:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+from grpo_fast.attention import flex_mask_mod, packed_mask
 from grpo_fast.packing import completion_hidden_states, lm_head, pack, sequence_logps
 
 V, EOS, G = 101, 2, 3
@@ -119,6 +120,25 @@ def test_lora_gradients_match(tmp_path):
     assert grads.keys() == ref_grads.keys() and len(grads) == 8 and all("lora" in n for n in grads)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_flex_mask_mod_equals_dense_mask(window):
+    """The FlexAttention mask_mod, evaluated the way create_block_mask does (vmapped over index scalars), keeps
+    exactly the dense mask's entries: kv <= q, prompt or own segment, and pos[q] - pos[kv] < window."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    prompts, ids, mask = batch()
+    packed = pack(prompts, ids, mask.sum(1).tolist(), G, shared_prefix=True)
+    R, L = packed.segments.shape
+    dense = packed_mask(packed.segments, packed.position_ids, "sdpa", window)  # (R, 1, L, L)
+    mod = flex_mask_mod(packed.segments, packed.position_ids, window)
+    assert torch.equal(create_mask(mod, R, 1, L, L, device="cpu"), dense)
+    pos, seg = packed.position_ids[1], packed.segments[1]  # row 1: prompt 4, completion inputs 2, 0, 5 tokens
+    q = 9  # the 4th input of completion 3, at position 7
+    assert seg[q] == 3 and pos[q] == 7
+    want = [kv <= q and (seg[kv] == 0 or seg[kv] == 3) and (window is None or 7 - pos[kv] < window) for kv in range(L)]
+    assert dense[1, 0, q].tolist() == want and sum(want) == (8 if window is None else 3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention BlockMask path needs CUDA")
