@@ -41,6 +41,9 @@ HEADS = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_ke
 COMMON = dict(vocab_size=V, **HEADS, **LAYERS)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 BOTH = ["sliding_attention", "full_attention"]
+MLA = dict(kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=6)  # DeepSeek-V3
+MLA |= dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1)
+MLA |= dict(n_group=1, topk_group=1)
 
 EXACT = "exact"
 MISMATCH = "log-probs differ from the model's own forward"  # the guard's numeric refusal
@@ -143,20 +146,7 @@ ARCHS = {
     ),
     "glm4": Arch(lambda: tf.Glm4Config(**COMMON, head_dim=8)),
     "deepseek_v3": Arch(
-        lambda: tf.DeepseekV3Config(
-            **{**COMMON, "num_key_value_heads": 4},
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=16,
-            kv_lora_rank=8,
-            q_lora_rank=8,
-            qk_rope_head_dim=4,
-            qk_nope_head_dim=4,
-            v_head_dim=6,
-            first_k_dense_replace=1,
-            n_group=1,
-            topk_group=1,
-        ),  # fmt: skip
+        lambda: tf.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, **MLA),
         why="multi-head latent attention (value heads smaller than key heads), MoE",
     ),
     "llama4_text": Arch(
