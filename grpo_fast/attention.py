@@ -156,7 +156,10 @@ def _model_eager(module):
 
 def _additive(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """A boolean mask (or None: causal, bottom-right aligned as SDPA's skipped mask) as the additive float mask
-    eager attention adds to its scores."""
+    eager attention adds to its scores; an additive mask already (built for eager before the model was pointed at
+    PACKED, and replayed by gradient checkpointing's recompute) passes through."""
+    if mask is not None and mask.is_floating_point():
+        return mask.to(query.dtype)
     if mask is None:
         Lq, Lk = query.shape[-2], key.shape[-2]
         mask = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril(Lk - Lq)

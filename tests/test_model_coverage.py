@@ -163,7 +163,8 @@ ARCHS = {
 
 
 def load(arch: str, tmp_path) -> torch.nn.Module:
-    """The tiny model saved and loaded back through from_pretrained (default attention unless ARCHS says)."""
+    """The tiny model saved and loaded back through from_pretrained (default attention unless ARCHS says), in
+    train mode with gradient checkpointing (the backward recomputes each layer under the engine's masks)."""
     torch.manual_seed(0)
     config = ARCHS[arch].config()
     config.initializer_range = 0.2  # 10x the default: peaked attention and logits, where windows and caps matter
@@ -173,7 +174,9 @@ def load(arch: str, tmp_path) -> torch.nn.Module:
             torch.nn.init.normal_(p, mean=1.0, std=1.0)
     model.save_pretrained(tmp_path / arch)
     kwargs = {"attn_implementation": ARCHS[arch].attn} if ARCHS[arch].attn else {}
-    return AutoModelForCausalLM.from_pretrained(tmp_path / arch, dtype=torch.float32, **kwargs).train()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / arch, dtype=torch.float32, **kwargs)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as the trainer
+    return model.train()
 
 
 def batch():
