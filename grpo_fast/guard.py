@@ -63,7 +63,7 @@ def _sample(base, weight: torch.Tensor):
         Lp = max(Lp, window + 3)
     limit = packing.position_limit(base)
     if limit is not None:
-        Lp = min(Lp, limit - max(COMPLETIONS))
+        Lp = max(1, min(Lp, limit - max(COMPLETIONS)))
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, weight.shape[0], (Lp,), generator=gen).to(weight.device)
     ids = torch.randint(0, weight.shape[0], (len(COMPLETIONS), max(COMPLETIONS)), generator=gen).to(weight.device)
