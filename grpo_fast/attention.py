@@ -99,16 +99,19 @@ class CascadeState:
         return self.own_k[layer], self.own_v[layer]
 
 
-def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scaling: float):
-    """Softmax attention and its log-sum-exp. q (..., M, d), k/v (..., S, d), keep broadcast to (..., M, S)."""
+def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scaling: float, softcap=None):
+    """Softmax attention and its log-sum-exp. q (..., M, d), k/v (..., S, d), keep broadcast to (..., M, S).
+    softcap c (Gemma 2's attn_logit_softcapping): scores = c * tanh(scores / c), as the model's eager attention."""
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scaling  # (..., M, S)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (..., M, 1)
     out = torch.matmul(torch.exp(scores - lse).to(v.dtype), v).float()  # (..., M, d)
     return out, lse
 
 
-def _decode(state: CascadeState, layer: int, q, k, v, scaling: float) -> torch.Tensor:
+def _decode(state: CascadeState, layer: int, q, k, v, scaling: float, softcap=None) -> torch.Tensor:
     N, h, _, d = q.shape  # (B*G, heads, 1, d)
     B, G, kvh = N // state.group_size, state.group_size, k.shape[1]
     r = h // kvh
@@ -116,12 +119,12 @@ def _decode(state: CascadeState, layer: int, q, k, v, scaling: float) -> torch.T
     qp = q.reshape(B, G, kvh, r, d).transpose(1, 2).reshape(B, kvh, G * r, d)
     pk, pv = state.prefix_k[layer], state.prefix_v[layer]  # (B, kvh, Lp_max, d)
     in_prompt = torch.arange(pk.shape[2], device=q.device) < state.prompt_lengths[:, None]  # (B, Lp_max)
-    o1, l1 = _partial(qp, pk, pv, in_prompt[:, None, None, :], scaling)  # (B, kvh, G*r, d)
+    o1, l1 = _partial(qp, pk, pv, in_prompt[:, None, None, :], scaling, softcap)  # (B, kvh, G*r, d)
     o1 = o1.view(B, kvh, G, r, d).transpose(1, 2).reshape(N, kvh, r, d)
     l1 = l1.view(B, kvh, G, r, 1).transpose(1, 2).reshape(N, kvh, r, 1)
     ok, ov = state.store_own(layer, k, v)  # (N, kvh, max_new, d)
     seen = torch.arange(state.max_new, device=q.device) <= state.step  # (max_new,)
-    o2, l2 = _partial(q.reshape(N, kvh, r, d), ok, ov, seen, scaling)  # (N, kvh, r, d)
+    o2, l2 = _partial(q.reshape(N, kvh, r, d), ok, ov, seen, scaling, softcap)  # (N, kvh, r, d)
     lse = torch.logaddexp(l1, l2)
     out = o1 * torch.exp(l1 - lse) + o2 * torch.exp(l2 - lse)  # (N, kvh, r, d)
     return out.reshape(N, 1, h, d).to(q.dtype)
@@ -134,12 +137,18 @@ def cascade_attention(module, query, key, value, attention_mask, scaling=None, d
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError("generate_groups does not support sliding-window attention layers")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    layer = module.layer_idx
+    layer, softcap = module.layer_idx, kwargs.get("softcap")
     if state.mode == "prefill":
         state.store_prefix(layer, key, value)
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        if softcap is None:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        else:  # SDPA cannot softcap its scores: the causal prefill by hand (batch 1, once per prompt)
+            r, L = query.shape[1] // key.shape[1], query.shape[2]
+            causal = torch.ones(L, L, dtype=torch.bool, device=query.device).tril()
+            k, v = key.repeat_interleave(r, dim=1), value.repeat_interleave(r, dim=1)  # (1, heads, L, d)
+            out = _partial(query, k, v, causal, scaling, softcap)[0].to(query.dtype)
         return out.transpose(1, 2).contiguous(), None
-    return _decode(state, layer, query, key, value, scaling), None
+    return _decode(state, layer, query, key, value, scaling, softcap), None
 
 
 AttentionInterface.register(CASCADE, cascade_attention)
