@@ -91,7 +91,9 @@ def _check_positive(x, name: str) -> None:
 
 def _text_config(model_or_config):
     config = getattr(model_or_config, "config", model_or_config)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not hasattr(config, "get_text_config"):
+        raise TypeError(f"expected a transformers model or config, got {type(model_or_config).__name__}")
+    return config.get_text_config()
 
 
 def _scale(config) -> tuple[float, str | None, str]:

@@ -27,25 +27,10 @@ CASES = {  # model type -> config fields (a transform small enough that the soft
     "falcon_h1": dict(
         lm_head_multiplier=0.3, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=8
     ),
-    "minicpm3": dict(
-        dim_model_base=8,
-        num_key_value_heads=4,
-        head_dim=None,
-        kv_lora_rank=16,
-        q_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-    ),  # fmt: skip
-    "inkling_text": dict(
-        logits_mup_width_multiplier=3.0,
-        swa_head_dim=8,
-        sliding_window_size=16,
-        rel_extent=16,
-        moe_intermediate_size=16,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-    ),  # fmt: skip
+    "minicpm3": dict(dim_model_base=8, num_key_value_heads=4, head_dim=None, kv_lora_rank=16, q_lora_rank=16)
+    | dict(qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8),  # MLA attention, small
+    "inkling_text": dict(logits_mup_width_multiplier=3.0, swa_head_dim=8, sliding_window_size=16, rel_extent=16)
+    | dict(moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2),  # sliding and MoE layers, small
     "mpt": dict(logit_scale=3.0),  # in the config, never applied by MptForCausalLM
     "llama": {},
 }
@@ -101,6 +86,8 @@ def test_refuses_what_it_cannot_express(tmp_path):
         LogitTransform(1.0, float("nan"))
     with pytest.raises(ValueError, match="logit_scale"):
         LogitTransform(True)
+    with pytest.raises(TypeError, match="transformers model or config, got Linear"):
+        logit_transform(torch.nn.Linear(4, 5))
 
 
 def test_refuses_heads_that_are_not_plain_linear(tmp_path):
