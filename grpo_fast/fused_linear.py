@@ -128,7 +128,7 @@ def _cast(x, dtype):
 
 
 class ChunkedLinearLogps(torch.autograd.Function):
-    """logp = log_softmax((hidden @ W.T + b) / T)[ids] (N,), entropy (N,) as a non-differentiable side output."""
+    """logp = log_softmax(f(hidden @ W.T + b) / T)[ids] (N,), entropy (N,) as a non-differentiable side output."""
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, ids1d, temperature, with_entropy, head):
