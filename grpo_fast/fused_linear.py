@@ -5,6 +5,10 @@ Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1; `grpo_fast.kernels.fused_
 chunked torch path below (plain CPU, and float64). The O(B*T) GRPO terms are `reference.py`'s, with
 autograd over the (B, T) log-probs only.
 
+Logit transforms (`grpo_fast.logit_head`): the logits are f(z) of z = hidden @ W^T + b, with
+f(z) = softcap * tanh(logit_scale * z / softcap) (logit_scale * z without a softcap), as Granite, Cohere and
+Gemma 2/3 form them; backward multiplies dlogits by f'(z).
+
 Chunked torch path: tokens in chunks of n rows, vocabulary in chunks of v columns, an online
 log-sum-exp (and entropy) across the vocabulary chunks. Its temporaries are a few (n, v) and (v, H)
 fp32 tiles, CHUNK_ELEMENTS each (4 MB), plus O(N) per-token values: never O(N * V). Backward
@@ -18,6 +22,7 @@ import torch
 
 from . import checks, reference
 from .backend import use_triton
+from .logit_head import LogitTransform
 
 CHUNK_ELEMENTS = 1 << 20  # 1M fp32 elements (4 MB) per temporary tile
 TOKEN_CHUNK = 1024  # rows per token chunk: its (n, H) fp32 dHidden accumulator is the other temporary
@@ -33,28 +38,24 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
-def _logit_tile(h, weight, bias, v0: int, v1: int, temperature: float) -> torch.Tensor:
-    """(h @ weight[v0:v1].T + bias[v0:v1]) / temperature in h's dtype: (n, H) -> (n, v)."""
-    x = h @ weight[v0:v1].to(h.dtype).T  # (n, v)
-    if bias is not None:
-        x = x + bias[v0:v1].to(h.dtype)
-    return x / temperature
+def _z_tile(h, weight, bias, v0: int, v1: int) -> torch.Tensor:
+    """z = h @ weight[v0:v1].T + bias[v0:v1] in h's dtype: (n, H) -> (n, v)."""
+    z = h @ weight[v0:v1].to(h.dtype).T  # (n, v)
+    return z + bias[v0:v1].to(h.dtype) if bias is not None else z
 
 
-def _target_logit(h, weight, bias, ids, temperature: float) -> torch.Tensor:
-    """The logit of each row's id: (n, H), (n,) -> (n,)."""
-    x = (h * weight[ids].to(h.dtype)).sum(-1)
-    if bias is not None:
-        x = x + bias[ids].to(h.dtype)
-    return x / temperature
+def _target_z(h, weight, bias, ids) -> torch.Tensor:
+    """z of each row's id: (n, H), (n,) -> (n,)."""
+    z = (h * weight[ids].to(h.dtype)).sum(-1)
+    return z + bias[ids].to(h.dtype) if bias is not None else z
 
 
-def _lse_entropy(h, weight, bias, temperature: float, vstep: int, with_entropy: bool):
+def _lse_entropy(h, weight, bias, temperature: float, head: LogitTransform, vstep: int, with_entropy: bool):
     """Online log-sum-exp (n,) and entropy (n,) (or None) over vocabulary chunks."""
     m = h.new_full((h.shape[0],), float("-inf"))
     s, t = h.new_zeros(h.shape[0]), h.new_zeros(h.shape[0])  # sum exp(x - m), sum exp(x - m) * x
     for v0 in range(0, weight.shape[0], vstep):
-        x = _logit_tile(h, weight, bias, v0, v0 + vstep, temperature)  # (n, v)
+        x = head(_z_tile(h, weight, bias, v0, v0 + vstep)) / temperature  # (n, v)
         m_new = torch.maximum(m, x.amax(-1))
         scale = torch.exp(m - m_new)
         e = torch.exp(x - m_new.unsqueeze(1))
@@ -67,7 +68,7 @@ def _lse_entropy(h, weight, bias, temperature: float, vstep: int, with_entropy: 
 
 
 @torch.no_grad()
-def chunked_logps(hidden2d, weight, bias, ids1d, temperature: float, with_entropy: bool):
+def chunked_logps(hidden2d, weight, bias, ids1d, temperature: float, with_entropy: bool, head: LogitTransform):
     """logp (N,), lse (N,) and entropy (N,) or None, chunked over tokens and vocabulary."""
     N, H = hidden2d.shape
     n, v = _steps(N, weight.shape[0], H)
@@ -76,18 +77,18 @@ def chunked_logps(hidden2d, weight, bias, ids1d, temperature: float, with_entrop
     ent = hidden2d.new_empty(N, dtype=dtype) if with_entropy else None
     for s in range(0, N, n):
         h = hidden2d[s : s + n].to(dtype)  # (n, H)
-        lse[s : s + n], e = _lse_entropy(h, weight, bias, temperature, v, with_entropy)
-        logp[s : s + n] = _target_logit(h, weight, bias, ids1d[s : s + n], temperature) - lse[s : s + n]
+        lse[s : s + n], e = _lse_entropy(h, weight, bias, temperature, head, v, with_entropy)
+        logp[s : s + n] = head(_target_z(h, weight, bias, ids1d[s : s + n])) / temperature - lse[s : s + n]
         if with_entropy:
             ent[s : s + n] = e
     return logp, lse, ent
 
 
 @torch.no_grad()
-def chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, temperature: float, needs: tuple):
+def chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, temperature: float, needs: tuple, head):
     """dHidden, dWeight, dBias (each None unless in `needs`) of sum(grad_logp * logp).
 
-    dlogits = g * (onehot - softmax) / T; the onehot part is a gather/index_add, the softmax part is
+    dz = g * (onehot - softmax) * f'(z) / T; the onehot part is a gather/index_add, the softmax part is
     recomputed tile by tile.
     """
     N, H = hidden2d.shape
@@ -99,14 +100,18 @@ def chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, temperature:
     for s in range(0, N, n):
         h, ids = hidden2d[s : s + n].to(dtype), ids1d[s : s + n]  # (n, H), (n,)
         g = grad_logp[s : s + n].to(dtype) / temperature  # (n,)
-        dh_c = g.unsqueeze(1) * weight[ids].to(dtype) if needs[0] else None  # (n, H) fp32
+        g_t = g * head.derivative(_target_z(h, weight, bias, ids)) if not head.identity else g  # onehot part
+        dh_c = g_t.unsqueeze(1) * weight[ids].to(dtype) if needs[0] else None  # (n, H) fp32
         if needs[1]:
-            dw.index_add_(0, ids, g.unsqueeze(1) * h)
+            dw.index_add_(0, ids, g_t.unsqueeze(1) * h)
         if needs[2]:
-            db.index_add_(0, ids, g)
+            db.index_add_(0, ids, g_t)
         for v0 in range(0, weight.shape[0], v):
-            x = _logit_tile(h, weight, bias, v0, v0 + v, temperature)  # (n, v)
-            d = -g.unsqueeze(1) * torch.exp(x - lse[s : s + n].unsqueeze(1))  # (n, v) dlogits, softmax part
+            z = _z_tile(h, weight, bias, v0, v0 + v)  # (n, v)
+            p = torch.exp(head(z) / temperature - lse[s : s + n].unsqueeze(1))  # softmax
+            d = -g.unsqueeze(1) * p  # (n, v) dlogits, softmax part
+            if not head.identity:
+                d = d * head.derivative(z)  # dz
             if needs[0]:
                 dh_c += d @ weight[v0 : v0 + v].to(dtype)
             if needs[1]:
@@ -123,13 +128,13 @@ def _cast(x, dtype):
 
 
 class ChunkedLinearLogps(torch.autograd.Function):
-    """logp = log_softmax((hidden @ W.T + b) / T)[ids] (N,), entropy (N,) as a non-differentiable side output."""
+    """logp = log_softmax(f(hidden @ W.T + b) / T)[ids] (N,), entropy (N,) as a non-differentiable side output."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, ids1d, temperature, with_entropy):
-        logp, lse, ent = chunked_logps(hidden2d, weight, bias, ids1d, temperature, with_entropy)
+    def forward(ctx, hidden2d, weight, bias, ids1d, temperature, with_entropy, head):
+        logp, lse, ent = chunked_logps(hidden2d, weight, bias, ids1d, temperature, with_entropy, head)
         ctx.save_for_backward(hidden2d, weight, bias, ids1d, lse)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.head = temperature, head
         ent = ent if with_entropy else logp.new_empty(0)
         ctx.mark_non_differentiable(ent)
         return logp, ent
@@ -138,26 +143,26 @@ class ChunkedLinearLogps(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_entropy):
         hidden2d, weight, bias, ids1d, lse = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        dh, dw, db = chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, ctx.temperature, needs)
-        return dh, dw, db, None, None, None
+        dh, dw, db = chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, ctx.temperature, needs, ctx.head)
+        return dh, dw, db, None, None, None, None
 
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _logps_entropy(hidden, weight, bias, ids, temperature: float, with_entropy: bool):
+def _logps_entropy(hidden, weight, bias, ids, temperature: float, with_entropy: bool, head: LogitTransform):
     """Dispatch: (..., H) -> logp (...) fp32 (fp64 for fp64 inputs), entropy (...) or None."""
     H = hidden.shape[-1]
     h2, i1 = hidden.reshape(-1, H), ids.reshape(-1)
     if use_triton(hidden) and hidden.dtype != torch.float64:
         from grpo_fast.kernels.fused_linear_grpo import linear_logps as kernel
 
-        logp, ent = kernel(h2, weight, bias, i1, float(temperature), with_entropy)
+        logp, ent = kernel(h2, weight, bias, i1, float(temperature), with_entropy, **head.kwargs())
     elif _needs_grad(hidden, weight, bias):
-        logp, ent = ChunkedLinearLogps.apply(h2, weight, bias, i1, float(temperature), with_entropy)
+        logp, ent = ChunkedLinearLogps.apply(h2, weight, bias, i1, float(temperature), with_entropy, head)
     else:  # no-grad fast path (old / reference log-probs): nothing saved
-        logp, _, ent = chunked_logps(h2, weight, bias, i1, float(temperature), with_entropy)
+        logp, _, ent = chunked_logps(h2, weight, bias, i1, float(temperature), with_entropy, head)
     return logp.view(ids.shape), (ent.view(ids.shape) if with_entropy else None)
 
 
@@ -168,19 +173,25 @@ def fused_linear_logps(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """log_softmax((hidden @ weight.T + bias) / temperature)[ids] without materializing the logits.
+    """log_softmax(f(hidden @ weight.T + bias) / temperature)[ids] without materializing the logits, where
+    f(z) = softcap * tanh(logit_scale * z / softcap), or logit_scale * z when softcap is None.
 
     Args:
         hidden: (..., H) bf16/fp16(CUDA)/fp32/fp64; weight: (V, H) in hidden's dtype; bias: (V,) or None.
         ids: (...) int32/int64 in [0, V).
+        logit_scale, softcap: the model's logit transform (finite, > 0; `grpo_fast.logit_head.logit_transform(model)`
+            reads them: Granite 1 / logits_scaling, Cohere logit_scale, Gemma 2 final_logit_softcapping).
     Returns:
         logps (...) fp32 (fp64 for fp64 inputs), differentiable to hidden, weight and bias (each only if
         it requires grad). Under torch.no_grad (old / reference log-probs) nothing is saved.
     """
     checks.linear_head(hidden, weight, bias, ids, "ids")
     checks.positive_number(temperature, "temperature")
-    return _logps_entropy(hidden, weight, bias, ids, temperature, with_entropy=False)[0]
+    head = LogitTransform(logit_scale, softcap)
+    return _logps_entropy(hidden, weight, bias, ids, temperature, with_entropy=False, head=head)[0]
 
 
 def fused_linear_grpo_loss(
@@ -205,12 +216,16 @@ def fused_linear_grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The GRPO loss of `grpo_fast.grpo_loss(hidden @ weight.T + bias, ...)` without the (B, T, V) logits.
+    """The GRPO loss of `grpo_fast.grpo_loss(f(hidden @ weight.T + bias), ...)` without the (B, T, V) logits,
+    f(z) = softcap * tanh(logit_scale * z / softcap) (logit_scale * z when softcap is None; identity by default).
 
     Args:
         hidden: (B, T, H) final hidden states; `hidden[:, t]` scores `completion_ids[:, t]`.
         weight: (V, H) LM head (may be tied to the embeddings), hidden's dtype; bias: (V,) or None.
+        logit_scale, softcap: the model's logit transform, as in `fused_linear_logps`.
         completion_ids: (B, T) int; completion_mask: (B, T) {0, 1}.
         advantages: (B,), or `rewards` (B,) with `group_size` (and `scale_rewards`) to compute them.
         old_logps, ref_logps: (B, T) log-probs of the sampling and the reference policy.
@@ -220,6 +235,7 @@ def fused_linear_grpo_loss(
     """
     checks.tensor(hidden, "hidden", ndim=3)
     checks.linear_head(hidden, weight, bias, completion_ids, "completion_ids")
+    head = LogitTransform(logit_scale, softcap)
     B, T, _ = hidden.shape
     options = dict(
         old_logps=old_logps,
@@ -245,7 +261,7 @@ def fused_linear_grpo_loss(
         **batch,
         **options,
     )
-    logps, entropy = _logps_entropy(hidden, weight, bias, completion_ids, temperature, with_entropy=True)
+    logps, entropy = _logps_entropy(hidden, weight, bias, completion_ids, temperature, with_entropy=True, head=head)
     if advantages is None:
         advantages = reference.group_advantages(rewards.to(logps.dtype), group_size, scale_rewards)
     return reference.grpo_loss_from_logps(logps, completion_mask, advantages, entropy=entropy, **options)

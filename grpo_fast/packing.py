@@ -26,6 +26,7 @@ from .attention import (
     routes_through_interface,
     use_implementation,
 )
+from .logit_head import logit_transform
 
 PAD_SEGMENT = -1
 
@@ -222,7 +223,8 @@ def completion_hidden_states(
     attention: str = "auto",
 ) -> torch.Tensor:
     """The final hidden state that scores each completion token: (B*G, Tc, H) in the model's dtype, zeros where
-    `completion_mask` is 0; differentiable. Feed it with `lm_head(model)` to the fused linear losses.
+    `completion_mask` is 0; differentiable. Feed it with `lm_head(model)` and `logit_transform(model).kwargs()`
+    to the fused linear losses.
 
     prompts: B unpadded 1-D LongTensors; completion_ids, completion_mask: (B*G, Tc), groups of G consecutive
     rows, the mask 1 up to and including EOS. `attention`: "auto" (FlexAttention BlockMask on CUDA, SDPA with a
@@ -250,7 +252,8 @@ def sequence_logps(
     attention: str = "auto",
 ) -> torch.Tensor:
     """Per-token log-probs log_softmax(logits / temperature)[completion_ids]: (B*G, Tc) float32, 0 where
-    `completion_mask` is 0; differentiable w.r.t. the model's parameters.
+    `completion_mask` is 0; differentiable w.r.t. the model's parameters. The logits are the model's own:
+    its logit scale and softcap (`grpo_fast.logit_head`) apply.
 
     prompts: B unpadded 1-D LongTensors; completion_ids, completion_mask: (B*G, Tc), groups of G consecutive
     rows. shared_prefix=True packs each group as one row [P | C1 | ... | CG] under the shared-prefix mask;
@@ -260,12 +263,14 @@ def sequence_logps(
     from .fused_linear import fused_linear_logps
 
     checks.positive_number(temperature, "temperature")
+    transform = logit_transform(model)
     hidden, packed, _ = _packed_hidden(
         model, prompts, completion_ids, completion_mask, group_size, shared_prefix, attention
     )
     weight, bias = lm_head(model)
     ids = completion_ids.reshape(-1)[packed.dst]  # (n_active,)
-    logps = fused_linear_logps(hidden[packed.src], weight, ids, bias=bias, temperature=temperature)  # (n_active,)
+    h = hidden[packed.src]  # (n_active, H)
+    logps = fused_linear_logps(h, weight, ids, bias=bias, temperature=temperature, **transform.kwargs())
     rows, Tc = completion_ids.shape
     out = torch.zeros(rows * Tc, dtype=torch.float32, device=logps.device)
     return out.index_copy(0, packed.dst, logps.float()).view(rows, Tc)

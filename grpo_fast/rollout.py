@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import checks, guard
 from .cascade import CascadeState, cascade_implementation
+from .logit_head import logit_transform
 from .packing import causal_lm, check_group_size, check_prompts, decoder_stack, lm_head, position_limit
 
 _CHECK_EVERY = 8  # decode steps between host syncs that test "all rows finished"
@@ -82,6 +83,13 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
 
 
+def _logits(hidden: torch.Tensor, head: tuple) -> torch.Tensor:
+    """The model's next-token logits (N, V) fp32 from final hidden states (N, H): head = (weight, bias, transform),
+    the transform (logit scale, softcap) applied as the model's forward does, before any temperature."""
+    weight, bias, transform = head
+    return transform(F.linear(hidden, weight, bias).float())
+
+
 def _prefill(decoder, head, prompts, state: CascadeState) -> torch.Tensor:
     """Runs each prompt once (batch 1), storing its K/V in `state`; returns the next-token logits (B, V) fp32."""
     state.mode, last = "prefill", []
@@ -90,7 +98,7 @@ def _prefill(decoder, head, prompts, state: CascadeState) -> torch.Tensor:
         positions = torch.arange(p.numel(), device=p.device)[None]
         out = decoder(input_ids=p[None], position_ids=positions, use_cache=False)
         last.append(out.last_hidden_state[0, -1])  # (H,)
-    return F.linear(torch.stack(last), *head).float()
+    return _logits(torch.stack(last), head)
 
 
 def _decode_step(decoder, head, tokens, positions, state: CascadeState, step: int) -> torch.Tensor:
@@ -98,7 +106,7 @@ def _decode_step(decoder, head, tokens, positions, state: CascadeState, step: in
     state.mode = "decode"
     state.step = torch.tensor(step, device=tokens.device)
     out = decoder(input_ids=tokens[:, None], position_ids=positions[:, None], use_cache=False)
-    return F.linear(out.last_hidden_state[:, -1], *head).float()
+    return _logits(out.last_hidden_state[:, -1], head)
 
 
 def _decode(decoder, head, logits, positions, state, eos, pad, sampling) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,12 +144,14 @@ def generate_groups(
     1-D LongTensors on the model's device), each prompt prefilled once and its K/V stored once.
 
     Every row draws independently from `generator` (temperature 0: greedy; top_k 0 and top_p 1: no filtering)
+    from the model's own logits (its logit scale and softcap applied, logit_head.py, before the temperature)
     and stops at any of `eos_token_id` (default: the model's generation config). Returns a Rollout with
     completion_ids / completion_mask (B*G, Tc), Tc the longest completion; works on peft-wrapped models.
     """
     base = causal_lm(model)
     check_group_size(group_size)
     weight, bias = lm_head(model)
+    head = (weight, bias, logit_transform(model))
     _check_sampling(max_new_tokens, temperature, top_p, top_k, generator, weight.device)
     limit = position_limit(model)
     lengths = check_prompts(prompts, weight.shape[0], weight.device, limit)
@@ -162,9 +172,9 @@ def generate_groups(
     try:
         with cascade_implementation(base, state):
             decoder = decoder_stack(base)
-            logits = _prefill(decoder, (weight, bias), prompts, state).repeat_interleave(G, dim=0)  # (B*G, V)
+            logits = _prefill(decoder, head, prompts, state).repeat_interleave(G, dim=0)  # (B*G, V)
             sampling = (temperature, top_k, top_p, generator)
-            tokens, was_done = _decode(decoder, (weight, bias), logits, positions, state, eos, pad, sampling)
+            tokens, was_done = _decode(decoder, head, logits, positions, state, eos, pad, sampling)
     finally:
         base.train(was_training)
     mask = (~was_done).long()  # (B*G, T)
@@ -179,7 +189,7 @@ def rollout_logps(model, prompts: list[torch.Tensor], completion_ids: torch.Tens
     """Log-probs (B*G, Tc) fp32 of given completions under the rollout engine, teacher-forced: each prompt
     prefilled once, then cascade decode steps fed the given tokens; the distribution generate_groups samples
     from at temperature 1. Internal (no input checks): the guard compares it with the model's own forward."""
-    base, head = causal_lm(model), lm_head(model)
+    base, head = causal_lm(model), (*lm_head(model), logit_transform(model))
     N, Tc = completion_ids.shape
     lengths = torch.tensor([p.numel() for p in prompts], device=completion_ids.device)
     state = CascadeState(lengths, group_size, Tc)

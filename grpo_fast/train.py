@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from . import checkpoint, config, data, distributed, guard, policy, rewards, run_log
 from .fused_linear import fused_linear_grpo_loss, fused_linear_logps
+from .logit_head import logit_transform
 from .loss import group_advantages
 from .packing import completion_hidden_states, lm_head
 from .rollout import Rollout, generate_groups
@@ -193,17 +194,17 @@ def hidden(model, mb: dict, cfg) -> torch.Tensor:
     return completion_hidden_states(model, mb["prompts"], mb["ids"], mb["mask"], group_size=cfg.group_size)
 
 
-def loss_inputs(model, mb: dict, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """hidden(...), and the LM head's weight and bias; under fsdp2 run inside the root's forward, which
-    gathers the head (distributed.forward)."""
-    return hidden(model, mb, cfg), *lm_head(model)
+def loss_inputs(model, mb: dict, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+    """hidden(...), the LM head's weight and bias, and the fused ops' logit transform keywords (logit_head.py);
+    under fsdp2 run inside the root's forward, which gathers the head (distributed.forward)."""
+    return hidden(model, mb, cfg), *lm_head(model), logit_transform(model).kwargs()
 
 
 @torch.no_grad()
 def logps(model, mb: dict, cfg) -> torch.Tensor:
     """No-grad fused log-probs (b*G, T) of mb["ids"] under `model` (old or reference policy)."""
-    h, weight, bias = distributed.forward(model, loss_inputs, mb, cfg)
-    return fused_linear_logps(h, weight, mb["ids"], bias=bias, temperature=cfg.temperature)
+    h, weight, bias, head = distributed.forward(model, loss_inputs, mb, cfg)
+    return fused_linear_logps(h, weight, mb["ids"], bias=bias, temperature=cfg.temperature, **head)
 
 
 def add_reference_logps(model, ref, mbs: list[dict], cfg) -> None:
@@ -227,7 +228,7 @@ def accumulate(model, mbs: list[dict], cfg) -> tuple[torch.Tensor, dict]:
     by_tokens = cfg.loss_type in ("dapo", "bnpo")
     total, metrics = torch.zeros(()), {}
     for mb in mbs:
-        h, weight, bias = distributed.forward(model, loss_inputs, mb, cfg)
+        h, weight, bias, head = distributed.forward(model, loss_inputs, mb, cfg)
         loss, m = fused_linear_grpo_loss(
             h,
             weight,
@@ -246,6 +247,7 @@ def accumulate(model, mbs: list[dict], cfg) -> tuple[torch.Tensor, dict]:
             importance_sampling_level=cfg.importance_sampling_level,
             max_completion_length=cfg.max_new_tokens,
             num_items_in_batch=max(tokens, 1.0) if by_tokens else None,
+            **head,
         )
         share = mb["ids"].shape[0] / rows
         (loss if by_tokens else loss * share).backward()

@@ -20,6 +20,11 @@ H=4096, V=151936; this one moves ~10-15 GB of tiles and accumulators there.
 Extra memory: O(N) per-token values, one (C, Vc) tile (TILE_BYTES = 32 MB), the gathered (C, H) hidden
 rows (8 MB in bf16 at H=4096) and the fp32 (C, H) dHidden accumulator (16 MB): independent of N and V.
 A trainable head adds the fp32 (V, H) dWeight accumulator, cast to the weight's dtype at the end.
+
+Logit transforms (`grpo_fast.logit_head`: Granite's, Cohere's scale, Gemma's softcap): the logits are
+f(z) = softcap * tanh(logit_scale * z / softcap) (logit_scale * z without a softcap) of z = hidden @ W^T + b.
+A scale alone folds into the temperature; the softcap is the SOFTCAP constexpr of the forward tile and of
+`backward_rows`, which multiplies dlogits by f'(z) on the recomputed tile (logit_transform.py).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import triton.language as tl
 
 from grpo_fast.backend import interpreted
 
+from .logit_transform import head_constants, transform
 from .selective_log_softmax import backward_rows
 
 TILE_BYTES = 32 << 20  # the backward's (C, Vc) logit tile in the inputs' dtype
@@ -51,11 +57,12 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _logit_tile(
-    h_ptr, w_ptr, b_ptr, rows, cols, inv_temp, stride_hn, stride_wv, N, V, H,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, rows, cols, pre, post, stride_hn, stride_wv, N, V, H,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """(hidden[rows] @ weight[cols]^T + bias[cols]) / T as an fp32 (BLOCK_N, BLOCK_V) tile; -inf past V."""
+    """logits / T of z = hidden[rows] @ weight[cols]^T + bias[cols] (logit_transform.py) as an fp32
+    (BLOCK_N, BLOCK_V) tile; -inf past V."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         ks = h0 + tl.arange(0, BLOCK_H)
@@ -68,17 +75,18 @@ def _logit_tile(
         acc = _dot(h, tl.trans(w), acc, DOT_FP32, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
-    return tl.where(cols[None, :] < V, acc * inv_temp, float("-inf"))
+    return tl.where(cols[None, :] < V, transform(acc, pre, post, SOFTCAP), float("-inf"))
 
 
 @triton.jit
 def _fwd_kernel(
     logp_ptr, lse_ptr, ent_ptr,
     h_ptr, w_ptr, b_ptr, ids_ptr,
-    inv_temp,
+    pre, post,
     stride_hn, stride_wv,
     N, V, H,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """One program per BLOCK_N tokens: online log-sum-exp, target logit and entropy across vocab tiles."""
@@ -91,8 +99,8 @@ def _fwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         x = _logit_tile(
-            h_ptr, w_ptr, b_ptr, rows, cols, inv_temp, stride_hn, stride_wv, N, V, H,
-            HAS_BIAS, DOT_FP32, IEEE, BLOCK_N, BLOCK_V, BLOCK_H,
+            h_ptr, w_ptr, b_ptr, rows, cols, pre, post, stride_hn, stride_wv, N, V, H,
+            HAS_BIAS, SOFTCAP, DOT_FP32, IEEE, BLOCK_N, BLOCK_V, BLOCK_H,
         )  # fmt: skip
         m_new = tl.maximum(m, tl.max(x, axis=1))
         scale = tl.exp(m - m_new)
@@ -119,24 +127,21 @@ def _config(hidden: torch.Tensor, V: int) -> dict:
     return dict(DOT_FP32=fp32, IEEE=fp32, BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8)
 
 
-def _common(hidden, weight, bias, temperature):
+def _forward(hidden, weight, bias, ids, temperature: float, with_entropy: bool, head: tuple):
+    """logp (N,), lse (N,), entropy (N,) fp32 (entropy None unless asked); head = (logit_scale, softcap)."""
     N, H = hidden.shape
-    return (1.0 / temperature, hidden.stride(0), weight.stride(0), N, weight.shape[0], H), bias is not None
-
-
-def _forward(hidden, weight, bias, ids, temperature: float, with_entropy: bool):
-    """logp (N,), lse (N,), entropy (N,) fp32 (entropy None unless asked)."""
-    N = hidden.shape[0]
     logp, lse = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(2))
     ent = torch.empty(N, dtype=torch.float32, device=hidden.device) if with_entropy else logp
-    scalars, has_bias = _common(hidden, weight, bias, temperature)
+    pre, post, softcap = head_constants(temperature, *head)
     cfg = _config(hidden, weight.shape[0])
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-    b = bias if has_bias else weight  # unused pointer when HAS_BIAS is False
+    b = bias if bias is not None else weight  # unused pointer when HAS_BIAS is False
     if N:  # an empty launch grid is an error on some backends
         _fwd_kernel[grid](
-            logp, lse, ent, hidden, weight, b, ids, *scalars, HAS_BIAS=has_bias, WITH_ENTROPY=with_entropy, **cfg
-        )
+            logp, lse, ent, hidden, weight, b, ids, pre, post, hidden.stride(0), weight.stride(0),
+            N, weight.shape[0], H,
+            HAS_BIAS=bias is not None, SOFTCAP=softcap, WITH_ENTROPY=with_entropy, **cfg,
+        )  # fmt: skip
     return logp, lse, (ent if with_entropy else None)
 
 
@@ -188,7 +193,7 @@ def _accumulate_head_grads(dw, db, d, h, v0: int, v1: int) -> None:
         db[v0:v1] += d.sum(0, dtype=torch.float32)
 
 
-def _backward(grad_logp, hidden, weight, bias, ids, lse, temperature: float, needs: tuple):
+def _backward(grad_logp, hidden, weight, bias, ids, lse, temperature: float, needs: tuple, head: tuple):
     """dHidden, dWeight, dBias (None where not needed) of sum(grad_logp * logp), tile by tile.
 
     Only tokens with a nonzero gradient enter the tiles (exact: the others' dlogits are 0); in GRPO
@@ -212,7 +217,7 @@ def _backward(grad_logp, hidden, weight, bias, ids, lse, temperature: float, nee
         for v0 in range(0, V, vc):
             w = weight[v0 : v0 + vc]  # (Vc, H)
             x = h @ w.T if bias is None else torch.addmm(bias[v0 : v0 + vc], h, w.T)  # (C, Vc)
-            d = backward_rows(g_c, x, ids_c - v0, lse_c, temperature, inplace=True)
+            d = backward_rows(g_c, x, ids_c - v0, lse_c, temperature, inplace=True, head=head)
             if dh_c is not None:
                 _add_matmul(dh_c, d, w)
             _accumulate_head_grads(dw, db, d, h, v0, v0 + vc)
@@ -229,10 +234,10 @@ class FusedLinearLogps(torch.autograd.Function):
     """(N, H), (V, H), (V,) or None, (N,) -> logp (N,) fp32, entropy (N,) (non-differentiable, or empty)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, temperature, with_entropy):
-        logp, lse, ent = _forward(hidden, weight, bias, ids, temperature, with_entropy)
+    def forward(ctx, hidden, weight, bias, ids, temperature, with_entropy, head):
+        logp, lse, ent = _forward(hidden, weight, bias, ids, temperature, with_entropy, head)
         ctx.save_for_backward(hidden, weight, bias, ids, lse)  # O(N) saved beyond the inputs
-        ctx.temperature = temperature
+        ctx.temperature, ctx.head = temperature, head
         ent = ent if with_entropy else logp.new_empty(0)
         ctx.mark_non_differentiable(ent)
         return logp, ent
@@ -241,8 +246,8 @@ class FusedLinearLogps(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_entropy):
         hidden, weight, bias, ids, lse = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        dh, dw, db = _backward(grad_logp, hidden, weight, bias, ids, lse, ctx.temperature, needs)
-        return dh, dw, db, None, None, None
+        dh, dw, db = _backward(grad_logp, hidden, weight, bias, ids, lse, ctx.temperature, needs, ctx.head)
+        return dh, dw, db, None, None, None, None
 
 
 def linear_logps(
@@ -252,19 +257,23 @@ def linear_logps(
     ids: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log_softmax((hidden @ weight.T + bias) / T)[ids] and the entropy, without the logits.
+    """log_softmax(f(hidden @ weight.T + bias) / T)[ids] and the entropy, without the logits;
+    f(z) = softcap * tanh(logit_scale * z / softcap), or logit_scale * z without a softcap.
 
     Args (validated by `grpo_fast.fused_linear`): hidden (N, H) bf16/fp16/fp32; weight (V, H) in
-    hidden's dtype; bias (V,) or None; ids (N,) int32/int64 in [0, V).
+    hidden's dtype; bias (V,) or None; ids (N,) int32/int64 in [0, V); logit_scale > 0; softcap > 0 or None.
     Returns:
         logp (N,) fp32, differentiable to hidden/weight/bias (each only if it requires grad; no-grad
         calls save nothing), and entropy (N,) fp32 detached, or None unless `with_entropy`.
     """
     hidden, weight, ids = hidden.contiguous(), weight.contiguous(), ids.contiguous()
     bias = bias.contiguous() if bias is not None else None
+    head = (float(logit_scale), None if softcap is None else float(softcap))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        logp, ent = FusedLinearLogps.apply(hidden, weight, bias, ids, float(temperature), with_entropy)
+        logp, ent = FusedLinearLogps.apply(hidden, weight, bias, ids, float(temperature), with_entropy, head)
         return logp, (ent if with_entropy else None)
-    logp, _, ent = _forward(hidden, weight, bias, ids, float(temperature), with_entropy)
+    logp, _, ent = _forward(hidden, weight, bias, ids, float(temperature), with_entropy, head)
     return logp, ent

@@ -14,6 +14,8 @@ import triton.language as tl
 
 from grpo_fast.backend import interpreted
 
+from .logit_transform import head_constants, tanh_and_slope
+
 
 @triton.jit
 def _row_logsumexp(row_ptr, V, inv_temp, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
@@ -53,9 +55,12 @@ def _round_to_bf16(x, ROUND: tl.constexpr):
 
 @triton.jit
 def _row_softmax_grad(
-    dst_ptr, row_ptr, target, g, lse, inv_temp, V, BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr
+    dst_ptr, row_ptr, target, g, lse, inv_temp, V, BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr,
+    post=1.0, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
     """dst[:V] = g * (onehot(target) - exp(row / T - lse)) / T. A row with g == 0 is not read, only zeroed.
+    SOFTCAP (the fused linear backward's raw tile z, logit_transform.py): logits / T = post * tanh(inv_temp * z),
+    and dst = g * (onehot - softmax) * inv_temp * post * (1 - tanh^2).
 
     dst_ptr may equal row_ptr (in place): each block is loaded before it is overwritten.
     """
@@ -67,8 +72,13 @@ def _row_softmax_grad(
         idx = start + cols
         valid = idx < V
         x = tl.load(row_ptr + idx, mask=idx < n_read, other=0.0).to(tl.float32)  # (BLOCK_V,)
-        p = tl.exp(x * inv_temp - lse)
-        d = tl.where(live, scale * (tl.where(idx == target, 1.0, 0.0) - p), 0.0)
+        onehot = tl.where(idx == target, 1.0, 0.0)
+        if SOFTCAP:
+            t, slope = tanh_and_slope(x * inv_temp)
+            d = (scale * post) * slope * (onehot - tl.exp(post * t - lse))
+        else:
+            d = scale * (onehot - tl.exp(x * inv_temp - lse))
+        d = tl.where(live, d, 0.0)
         tl.store(dst_ptr + idx, _round_to_bf16(d, ROUND_BF16).to(dst_ptr.dtype.element_ty), mask=valid)
 
 
@@ -107,15 +117,18 @@ def _bwd_kernel(
     stride_n,
     stride_dn,
     V,
+    post,
     BLOCK_V: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(grad_ptr + row).to(tl.float32)
     target = tl.load(ids_ptr + row)
     lse = tl.load(lse_ptr + row)
     dst_ptr = dlogits_ptr + row * stride_dn
-    _row_softmax_grad(dst_ptr, logits_ptr + row * stride_n, target, g, lse, inv_temp, V, BLOCK_V, ROUND_BF16)
+    row_ptr = logits_ptr + row * stride_n
+    _row_softmax_grad(dst_ptr, row_ptr, target, g, lse, inv_temp, V, BLOCK_V, ROUND_BF16, post, SOFTCAP)
 
 
 def launch_config(V: int) -> tuple[int, int]:
@@ -153,16 +166,20 @@ def forward_rows(logits2d: torch.Tensor, ids1d: torch.Tensor, temperature: float
     return logp, lse, ent if with_entropy else None
 
 
-def backward_rows(grad_logp, logits2d, ids1d, lse, temperature: float, inplace: bool) -> torch.Tensor:
-    """dlogits (N, V) in the logits' dtype; into the logits buffer itself when `inplace`."""
+def backward_rows(
+    grad_logp, logits2d, ids1d, lse, temperature: float, inplace: bool, head: tuple = (1.0, None)
+) -> torch.Tensor:
+    """dlogits (N, V) in the logits' dtype; into the logits buffer itself when `inplace`.
+    head = (logit_scale, softcap): the rows hold z and the logits are f(z) (logit_transform.py); dz is written."""
     N, V = logits2d.shape
     dlogits = logits2d if inplace else torch.empty_like(logits2d)  # the only N*V allocation
     grad = grad_logp.reshape(-1).contiguous()
+    pre, post, softcap = head_constants(temperature, *head)
     if N:
         block, warps = launch_config(V)
         _bwd_kernel[(N,)](
-            dlogits, grad, logits2d, ids1d, lse, 1.0 / temperature, logits2d.stride(0), dlogits.stride(0), V,
-            BLOCK_V=block, ROUND_BF16=round_bf16(dlogits), num_warps=warps,
+            dlogits, grad, logits2d, ids1d, lse, pre, logits2d.stride(0), dlogits.stride(0), V, post,
+            BLOCK_V=block, ROUND_BF16=round_bf16(dlogits), SOFTCAP=softcap, num_warps=warps,
         )  # fmt: skip
     return dlogits
 

@@ -245,7 +245,8 @@ def _gspo_call(logits, ids, mask):
 
 def fused_linear_launches() -> list[Launch]:
     """The forward kernel of fused_linear_grpo.py (bias x entropy; H = 4096, and 896 as Qwen2.5-0.5B;
-    an odd H and V) and the backward's `backward_rows` on a (C, Vc) tile as `_chunks` sizes it."""
+    an odd H and V; the softcap of Gemma 2/3) and the backward's `backward_rows` on a (C, Vc) tile as `_chunks`
+    sizes it, with and without the softcap."""
     out = []
     for dtype, (H, V), bias, ent in itertools.product(
         (torch.bfloat16, torch.float32), ((4096, 151936), (896, 151936), (1000, 50257)), (False, True), (False, True)
@@ -259,11 +260,18 @@ def fused_linear_launches() -> list[Launch]:
         out += record(fl.linear_logps, hidden, weight, b, _t(8192, dtype=torch.int64), 1.0, ent, case=case, main=main)
     hidden, weight = _t(8192, 4096, dtype=torch.float16, grad=True), _t(151936, 4096, dtype=torch.float16)
     out += record(fl.linear_logps, hidden, weight, None, _t(8192, dtype=torch.int64), 1.0, True, case="fp16 H=4096")
-    for dtype, V in itertools.product((torch.bfloat16, torch.float32), (151936, 50257)):
+    for dtype, ent in itertools.product((torch.bfloat16, torch.float32), (False, True)):  # Gemma 2/3: softcap
+        hidden, weight = _t(8192, 4096, dtype=dtype, grad=True), _t(262144, 4096, dtype=dtype)
+        case = f"{DTYPES[dtype]} H=4096 V=262144 softcap entropy={ent}"
+        ids = _t(8192, dtype=torch.int64)
+        out += record(fl.linear_logps, hidden, weight, None, ids, 1.0, ent, softcap=30.0, case=case, main=True)
+    for dtype, V, head in itertools.product(
+        (torch.bfloat16, torch.float32), (151936, 50257), ((1.0, None), (1.0, 30.0))
+    ):
         C, vc = fl._chunks(8192, V, dtype.itemsize)
         tile, ids = _t(C, vc, dtype=dtype), _t(C, dtype=torch.int64)
-        case = f"backward tile {DTYPES[dtype]} ({C}, {vc}) of V={V}"
-        out += record(sls.backward_rows, _t(C), tile, ids, _t(C), 1.0, True, case=case, main=True)
+        case = f"backward tile {DTYPES[dtype]} ({C}, {vc}) of V={V}" + (" softcap" if head[1] else "")
+        out += record(sls.backward_rows, _t(C), tile, ids, _t(C), 1.0, True, head=head, case=case, main=True)
     return out
 
 

@@ -8,10 +8,13 @@ vocabulary chunks, the last ones partial.
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import grpo_fast
 from grpo_fast import fused_linear, reference
 from grpo_fast.kernels import fused_linear_grpo as kernels
+from grpo_fast.kernels.logit_transform import tanh_and_slope
 
 PATHS = ("triton", "torch")
 B, T, H, V = 4, 7, 37, 131  # N = 28 spans two 16-token blocks; H, V odd against 64-wide tiles
@@ -37,12 +40,14 @@ def _head(device, dtype=torch.float32, bias=True, h=H, v=V):
     return hidden, weight, b
 
 
-def _logits64(hidden, weight, bias):
+def _logits64(hidden, weight, bias, scale=1.0, softcap=None):
+    """float64 logits f(hidden @ weight.T + bias): f(z) = softcap * tanh(scale * z / softcap), or scale * z."""
     x = hidden.double() @ weight.double().T
-    return x + bias.double() if bias is not None else x
+    x = x + bias.double() if bias is not None else x
+    return scale * x if softcap is None else softcap * torch.tanh(scale * x / softcap)
 
 
-def _batch(hidden, weight, bias, temperature):
+def _batch(hidden, weight, bias, temperature, head=(1.0, None)):
     """ids, mask (a padded row and an all-masked row), rewards, old/ref log-probs = current + noise."""
     dev = hidden.device
     ids = torch.randint(0, weight.shape[0], (B, T), device=dev)
@@ -50,7 +55,7 @@ def _batch(hidden, weight, bias, temperature):
     mask[1, 4:] = 0
     mask[2] = 0
     with torch.no_grad():
-        logps = reference.selective_log_softmax(_logits64(hidden, weight, bias), ids, temperature)
+        logps = reference.selective_log_softmax(_logits64(hidden, weight, bias, *head), ids, temperature)
     log_ratio = torch.linspace(-0.6, 0.6, T, dtype=torch.float64, device=dev).expand(B, T)  # clips low and high
     old = (logps - log_ratio).float()
     ref = (logps + 0.3 * torch.randn(B, T, dtype=torch.float64, device=dev)).float()
@@ -68,9 +73,10 @@ def _grads(loss, tensors):
     return dict(zip([id(t) for t in wanted], torch.autograd.grad(loss, wanted)))
 
 
-def _check_against_reference(hidden, weight, bias, ids, mask, kwargs, rtol=1e-4):
-    """Loss, metrics and gradients of fused_linear_grpo_loss vs float64 reference.grpo_loss."""
-    loss, metrics = grpo_fast.fused_linear_grpo_loss(hidden, weight, ids, mask, bias=bias, **kwargs)
+def _check_against_reference(hidden, weight, bias, ids, mask, kwargs, rtol=1e-4, head=(1.0, None)):
+    """Loss, metrics and gradients of fused_linear_grpo_loss vs float64 reference.grpo_loss; head = (scale, softcap)."""
+    transform = dict(logit_scale=head[0], softcap=head[1])
+    loss, metrics = grpo_fast.fused_linear_grpo_loss(hidden, weight, ids, mask, bias=bias, **kwargs, **transform)
     ours = [
         g for g in torch.autograd.grad(loss, [t for t in (hidden, weight, bias) if t is not None and t.requires_grad])
     ]
@@ -78,7 +84,7 @@ def _check_against_reference(hidden, weight, bias, ids, mask, kwargs, rtol=1e-4)
         None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in (hidden, weight, bias)
     ]
     ref_kwargs = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()}
-    ref_loss, ref_metrics = reference.grpo_loss(_logits64(*leaves), ids, mask.double(), **ref_kwargs)
+    ref_loss, ref_metrics = reference.grpo_loss(_logits64(*leaves, *head), ids, mask.double(), **ref_kwargs)
     theirs = torch.autograd.grad(ref_loss, [t for t in leaves if t is not None and t.requires_grad])
     torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=rtol * 1e-2)
     for k, v in ref_metrics.items():
@@ -296,3 +302,106 @@ def test_logps_bad_ids_shape_and_range():
         grpo_fast.fused_linear_logps(hidden, weight, torch.full((5,), -1))
     with pytest.raises(TypeError, match="ids"):
         grpo_fast.fused_linear_logps(hidden, weight, torch.zeros(5))
+
+
+# ---- logit transforms: f(z) = softcap * tanh(scale * z / softcap) (scale * z without a softcap) ----
+
+HEADS = {"scale": (0.25, None), "softcap": (1.0, 0.8), "scale+softcap": (3.0, 1.5)}  # (logit_scale, softcap)
+
+
+def _assert_tanh_branches(hidden, weight, bias, head):
+    """The softcap's tanh saturates (|u| > 5: 1 - tanh^2 < 2e-4) for some logits, and some take the kernel's
+    small-|u| series (|u| < 0.3)."""
+    scale, softcap = head
+    if softcap is not None:
+        u = (_logits64(hidden, weight, bias) * (scale / softcap)).abs()
+        assert (u > 5).any() and (u < 0.3).any() and ((u > 0.3) & (u < 5)).any()
+
+
+@pytest.mark.parametrize("path_device", PATHS, indirect=True)
+@pytest.mark.parametrize("head", HEADS.values(), ids=HEADS.keys())
+def test_logps_logit_transform(path_device, head):
+    """log-probs and dHidden, dWeight, dBias against float64 autograd through f, softcap small enough to saturate."""
+    hidden, weight, bias = _head(path_device)
+    _assert_tanh_branches(hidden, weight, bias, head)
+    ids = torch.randint(0, V, (B, T), device=path_device)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    ours = grpo_fast.fused_linear_logps(
+        hidden, weight, ids, bias=bias, temperature=0.7, logit_scale=head[0], softcap=head[1]
+    )
+    upstream = torch.randn(B, T, device=path_device)
+    grads = torch.autograd.grad((ours * upstream).sum(), leaves)
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    theirs = reference.selective_log_softmax(_logits64(*l64, *head), ids, 0.7)
+    ref_grads = torch.autograd.grad((theirs * upstream.double()).sum(), l64)
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=_fp32_atol(b))
+    with torch.no_grad():
+        fast = grpo_fast.fused_linear_logps(
+            hidden, weight, ids, bias=bias, temperature=0.7, logit_scale=head[0], softcap=head[1]
+        )
+    torch.testing.assert_close(fast, ours.detach())
+
+
+@pytest.mark.parametrize("path_device", PATHS, indirect=True)
+@pytest.mark.parametrize("head", [HEADS["softcap"], HEADS["scale+softcap"]], ids=["softcap", "scale+softcap"])
+@pytest.mark.parametrize("level", reference.IMPORTANCE_LEVELS)
+def test_loss_logit_transform(path_device, head, level):
+    """The GRPO loss, metrics and gradients through f, old/ref log-probs near f's log-probs (every clip branch)."""
+    hidden, weight, bias = _head(path_device)
+    ids, mask, rewards, old, ref = _batch(hidden, weight, bias, 0.8, head)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    kwargs = dict(rewards=rewards, group_size=2, old_logps=old, ref_logps=ref, beta=0.04, temperature=0.8)
+    kwargs.update(importance_sampling_level=level, epsilon_high=0.28)
+    metrics = _check_against_reference(hidden, weight, bias, ids, mask, kwargs, head=head)
+    if level == "token":
+        assert 0 < float(metrics["clip_ratio_low"]) and 0 < float(metrics["clip_ratio_high"])
+
+
+@pytest.mark.parametrize("path_device", PATHS, indirect=True)
+def test_bf16_logit_transform(path_device):
+    """bf16 hidden and head with scale and softcap: within bf16 rounding of the float64 truth."""
+    hidden, weight, bias = _head(path_device, dtype=torch.bfloat16)
+    head = HEADS["scale+softcap"]
+    ids, mask, rewards, old, ref = _batch(hidden, weight, bias, 0.9, head)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    kwargs = dict(rewards=rewards, group_size=4, old_logps=old, ref_logps=ref, beta=0.1, temperature=0.9)
+    _check_against_reference(hidden, weight, bias, ids, mask, kwargs, rtol=2e-3, head=head)
+
+
+@pytest.mark.parametrize("name, value", [("logit_scale", 0.0), ("logit_scale", -2.0), ("logit_scale", True),
+                                         ("softcap", 0.0), ("softcap", float("inf")), ("softcap", float("nan")),
+                                         ("softcap", "30")])  # fmt: skip
+def test_bad_logit_transform(name, value):
+    hidden, weight, ids = torch.randn(2, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 3))
+    with pytest.raises(ValueError, match=name):
+        grpo_fast.fused_linear_logps(hidden, weight, ids, **{name: value})
+    with pytest.raises(ValueError, match=name):
+        _call(hidden, weight, ids, **{name: value})
+
+
+@triton.jit
+def _tanh_kernel(t_ptr, slope_ptr, u_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    t, slope = tanh_and_slope(tl.load(u_ptr + offs, mask=offs < N, other=0.0))
+    tl.store(t_ptr + offs, t, mask=offs < N)
+    tl.store(slope_ptr + offs, slope, mask=offs < N)
+
+
+def test_kernel_tanh_and_slope(device):
+    """The kernels' exp-only tanh is within 4 fp32 ulps of tanh everywhere (tiny, series/exp boundary, saturated),
+    its slope 1 - tanh^2 within 1e-6 relative even where tanh rounds to 1 (no cancellation)."""
+    mags = torch.cat([torch.logspace(-10, 2, 3000, dtype=torch.float64), torch.tensor([0.0, 0.3, 0.5, 9.0, 44.0])])
+    u = torch.cat([mags, -mags]).float().to(device)
+    t, slope = torch.empty_like(u), torch.empty_like(u)
+    _tanh_kernel[(triton.cdiv(u.numel(), 1024),)](t, slope, u, u.numel(), BLOCK=1024)
+    want = torch.tanh(u.double())
+    ulp = (torch.nextafter(want.float().abs(), torch.tensor(float("inf"), device=device)) - want.float().abs()).double()
+    assert ((t.double() - want).abs() <= 4 * ulp.clamp(min=1e-45)).all()
+    want_slope = 1 / torch.cosh(u.double()) ** 2
+    normal = want_slope > 1e-37
+    assert normal.sum() > 5000 and (t.abs() == 1)[normal].any()  # saturated tanh, slope still exact
+    torch.testing.assert_close(slope.double()[normal], want_slope[normal], rtol=1e-6, atol=0)

@@ -31,6 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from grpo_fast import attention, cascade, fused_linear_grpo_loss, generate_groups, grpo_loss, sequence_logps
 from grpo_fast.attention import UnsupportedModelError
 from grpo_fast.guard import verdicts
+from grpo_fast.logit_head import logit_transform
 from grpo_fast.packing import completion_hidden_states, lm_head
 
 V, EOS, PAD, G, W = 101, 2, 0, 3, 4
@@ -47,9 +48,6 @@ MLA |= dict(n_group=1, topk_group=1)
 
 EXACT = "exact"
 MISMATCH = "log-probs differ from the model's own forward"  # the guard's numeric refusal
-# Logit transforms (issue 9 item 2, built on another branch): the engine forms plain hidden @ W^T logits, so the
-# guard refuses these by the size of the mismatch. When the transforms land, each entry flips to EXACT.
-LOGIT_TRANSFORM = MISMATCH
 OWN_CODE = "computes attention in its own code"
 
 
@@ -76,9 +74,7 @@ ARCHS = {
         lambda: tf.Gemma2Config(
             **COMMON, head_dim=8, sliding_window=W, attn_logit_softcapping=0.5, final_logit_softcapping=0.1
         ),
-        training=LOGIT_TRANSFORM,
-        rollouts=LOGIT_TRANSFORM,
-        why="with `final_logit_softcapping` (as released): logit transforms not yet applied by the engine",
+        why="`final_logit_softcapping` (as released), sliding layers, attention soft-capping",
         attn="eager",
     ),
     "gemma2_no_final_cap": Arch(
@@ -105,15 +101,11 @@ ARCHS = {
     ),
     "granite": Arch(
         lambda: tf.GraniteConfig(**COMMON, logits_scaling=4.0),
-        training=LOGIT_TRANSFORM,
-        rollouts=LOGIT_TRANSFORM,
-        why="`logits_scaling` (logit transforms not yet applied by the engine)",
+        why="`logits_scaling` (logits divided by it)",
     ),
     "cohere": Arch(
         lambda: tf.CohereConfig(**COMMON, logit_scale=0.25),
-        training=LOGIT_TRANSFORM,
-        rollouts=LOGIT_TRANSFORM,
-        why="`logit_scale` (logit transforms not yet applied by the engine)",
+        why="`logit_scale` (logits multiplied by it)",
     ),
     "phi": Arch(lambda: tf.PhiConfig(**COMMON), why="partial rotary, biased LM head"),
     "phi3": Arch(lambda: tf.Phi3Config(**COMMON, sliding_window=W), why="config-wide `sliding_window`"),
@@ -140,9 +132,7 @@ ARCHS = {
     ),
     "cohere2": Arch(
         lambda: tf.Cohere2Config(**COMMON, sliding_window=W, layer_types=BOTH, logit_scale=0.25),
-        training=LOGIT_TRANSFORM,
-        rollouts=LOGIT_TRANSFORM,
-        why="`logit_scale` (logit transforms not yet applied by the engine)",
+        why="`logit_scale` (logits multiplied by it)",
     ),
     "glm4": Arch(lambda: tf.Glm4Config(**COMMON, head_dim=8)),
     "deepseek_v3": Arch(
@@ -243,7 +233,8 @@ def check_training(model, prompts, ids, mask, ref_logits) -> None:
         assert_grads_close(grads(model, (got * weights).sum()), want_logps, f"sequence_logps shared={shared}")
     weight, bias = lm_head(model)
     hidden = completion_hidden_states(model, prompts, ids, mask, group_size=G)  # (B*G, Tc, H)
-    loss, _ = fused_linear_grpo_loss(hidden, weight, ids, mask, bias=bias, **kw)
+    head = logit_transform(model).kwargs()  # the model's logit scale / softcap, as the trainer passes them
+    loss, _ = fused_linear_grpo_loss(hidden, weight, ids, mask, bias=bias, **kw, **head)
     torch.testing.assert_close(loss, ref_loss.detach(), atol=2e-5, rtol=1e-5)
     assert_grads_close(grads(model, loss), want_loss, "fused_linear_grpo_loss")
 

@@ -2,7 +2,8 @@
 
 A tiny Qwen2 (GQA, 2 layers) is saved with save_pretrained and loaded by path by both trainers; the
 batch comes from TRL's own generation and scoring, then gets off-policy old and reference log-probs
-(current + noise) so that ratios clip low, high and not at all.
+(current + noise) so that ratios clip low, high and not at all. A tiny Gemma 2 (logit and attention
+softcapping) and a tiny Granite (logits_scaling) check the heads whose logits are not hidden @ W^T.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import trl
 from datasets import Dataset
 from peft import LoraConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from grpo_fast.integrations import trl as fast_trl
 from grpo_fast.integrations.trl import FastGRPOTrainer
@@ -35,25 +36,35 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("qwen2")
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
+SMALL = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+)  # fmt: skip
+TRANSFORMED_HEADS = {  # logits = f(hidden @ W^T): transforms that matter for a tiny random model
+    "gemma2": lambda: Gemma2Config(
+        **SMALL,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        final_logit_softcapping=2.0,
+        attn_logit_softcapping=1.0,
+        initializer_range=0.2,
+        layer_types=["full_attention"] * 2,
+        bos_token_id=None,
+    ),  # fmt: skip
+    "granite": lambda: GraniteConfig(**SMALL, logits_scaling=0.125),  # logits * 8
+}
+
+
+def _save_tiny(path, config) -> str:
     torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(path)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
     _tokenizer().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    return _save_tiny(tmp_path_factory.mktemp("qwen2"), Qwen2Config(**SMALL))
 
 
 def _reward(completions, **kwargs) -> list[float]:
@@ -89,8 +100,11 @@ def trainers(model_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch(trainers):
+    return _off_policy_batch(trainers[0])
+
+
+def _off_policy_batch(ref) -> dict:
     """TRL's own generated and scored batch, with off-policy old and reference log-probs."""
-    ref, _ = trainers
     rows = [{"prompt": f"w{i} w{i + 5}"} for i in (2, 2, 3, 3, 4, 4)]
     torch.manual_seed(1)
     batch = ref._generate_and_score_completions(rows)
@@ -147,6 +161,19 @@ def test_loss_and_grads_match_trl(trainers, batch, loss_type, level):
     metrics = _assert_same_step(*trainers, batch, loss_type=loss_type, importance_sampling_level=level, beta=0.04)
     assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0  # every branch is hit
     assert metrics["clip_ratio/region_mean"] < 1
+
+
+@pytest.mark.parametrize("arch", TRANSFORMED_HEADS)
+def test_transformed_heads_match_trl(arch, tmp_path):
+    """Gemma 2's soft-capped and Granite's scaled logits: accepted, and the same step as TRL's GRPOTrainer."""
+    path = _save_tiny(tmp_path / arch, TRANSFORMED_HEADS[arch]())
+    ref, fast = _trainer(trl.GRPOTrainer, path, tmp_path), _trainer(FastGRPOTrainer, path, tmp_path)
+    for t in (ref, fast):
+        t.model.train()
+        t.current_gradient_accumulation_steps = 2
+    batch = _off_policy_batch(ref)
+    metrics = _assert_same_step(ref, fast, batch, loss_type="dapo", importance_sampling_level="token", beta=0.04)
+    assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0
 
 
 def test_on_policy_no_kl_delta_matches_trl(trainers, batch):

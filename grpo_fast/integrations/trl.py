@@ -10,9 +10,11 @@ their gradient are ever in memory. The model is still called through its wrapper
 PEFT, autocast) with an extra keyword read by a patched `forward`, as TRL itself does for its fused head.
 
 Supported: loss types grpo, bnpo, dr_grpo, dapo; importance sampling at token or sequence level; beta,
-epsilon, epsilon_high, delta, temperature, tool masks, LoRA (not on the LM head). Rejected at init with
-a ValueError naming the option: other loss types, vLLM importance-sampling correction, entropy masks and
-bonuses, off-policy masks, KL bias correction, MoE aux loss, logit soft-capping, vision-language models.
+epsilon, epsilon_high, delta, temperature, tool masks, LoRA (not on the LM head), scaled and soft-capped
+heads (Granite, Cohere, Gemma 2/3: `grpo_fast.logit_head` reads them, the fused ops apply them). Rejected at
+init with a ValueError naming the option: other loss types, vLLM importance-sampling correction, entropy masks
+and bonuses, off-policy masks, KL bias correction, MoE aux loss, vision-language models, a logit transform
+`logit_head` cannot express.
 
 Logged metrics are TRL's (entropy, kl, clip_ratio/*). `clip_ratio/low_min` and `clip_ratio/high_max`
 need per-token ratios: when old log-probs are given (off-policy steps), they cost one extra no-grad
@@ -28,6 +30,7 @@ import torch
 from packaging.version import Version
 
 from grpo_fast.fused_linear import fused_linear_grpo_loss, fused_linear_logps
+from grpo_fast.logit_head import LogitTransform, logit_transform
 
 TRL_MIN, TRL_MAX = "1.10.0", "1.17.0"  # tested: 1.10.0, 1.13.0, 1.16.0 (_compute_loss is version-specific)
 SUPPORTED_TRL = f"trl>={TRL_MIN},<{TRL_MAX}"
@@ -73,28 +76,15 @@ def _unsupported_options(trainer) -> list[str]:
     return [f"{name}={getattr(trainer, name, getattr(args, name, None))!r}" for name, bad in checks.items() if bad]
 
 
-def _check_model(model) -> None:
-    """Text-only causal LMs whose logits are hidden @ W^T (+ b), times a scale; LM head not LoRA-wrapped."""
+def _check_model(model) -> LogitTransform:
+    """Text-only causal LMs whose logits are f(hidden @ W^T (+ b)) with a plain linear LM head (not
+    LoRA-wrapped); returns f, the logit scale and softcap `grpo_fast.logit_head` reads from the config."""
     text_config = model.config.get_text_config()
     if text_config is not model.config:
         raise ValueError("FastGRPOTrainer supports text-only models; use trl.GRPOTrainer for vision-language models")
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
-        raise ValueError("FastGRPOTrainer does not support final_logit_softcapping (e.g. Gemma 2); use trl.GRPOTrainer")
-    lm_head = model.get_output_embeddings()
-    if hasattr(lm_head, "lora_A") or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
-        raise ValueError("FastGRPOTrainer needs a plain linear LM head: remove lm_head from the LoRA target_modules")
-
-
-def _logit_scale(config) -> float:
-    """The multiplier some models apply to hidden @ W^T (TRL's list); folded into the temperature."""
-    config = config.get_text_config()
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        if getattr(config, name, None) is not None:
-            return float(getattr(config, name))
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is None:
-        return 1.0
-    return float(scaling) if config.model_type == "hyperclovax" else 1.0 / float(scaling)
+    if not isinstance(getattr(model.get_output_embeddings(), "weight", None), torch.Tensor):
+        raise ValueError("FastGRPOTrainer needs a linear LM head (output embeddings with a weight)")
+    return logit_transform(model)  # refuses a LoRA-wrapped head and transforms it cannot express
 
 
 def _head_tensors(model, hidden: torch.Tensor, cast_fp32: bool):
@@ -114,7 +104,7 @@ def _head_tensors(model, hidden: torch.Tensor, cast_fp32: bool):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def _fused_grpo_head(model, spec: dict, temperature: float, cast_fp32: bool, args, kwargs):
+def _fused_grpo_head(model, spec: dict, temperature: float, transform: dict, cast_fp32: bool, args, kwargs):
     """Backbone to hidden states, then the fused loss; returns (loss, metrics, no-grad logps or None)."""
     kwargs["use_cache"] = False
     hidden = model.base_model(*args, **kwargs).last_hidden_state  # (B, P+C, H)
@@ -124,26 +114,26 @@ def _fused_grpo_head(model, spec: dict, temperature: float, cast_fp32: bool, arg
     ids, mask = ids.to(weight.device), mask.to(weight.device)
     want_logps = spec.pop("return_logps")
     with torch.autocast(hidden.device.type, enabled=False):
-        loss, metrics = fused_linear_grpo_loss(hidden, weight, ids, mask, bias=bias, temperature=temperature, **spec)
+        head = dict(bias=bias, temperature=temperature, **transform)
+        loss, metrics = fused_linear_grpo_loss(hidden, weight, ids, mask, **head, **spec)
         logps = None
         if want_logps:
             with torch.no_grad():
-                logps = fused_linear_logps(hidden, weight, ids, bias=bias, temperature=temperature)  # (B, C)
+                logps = fused_linear_logps(hidden, weight, ids, **head)  # (B, C)
     return loss, metrics, logps
 
 
 def add_fused_grpo_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False) -> None:
     """Patch `model.forward`: called with `grpo_fast_loss=spec` it returns (loss, metrics, logps) from
     the fused linear GRPO loss; otherwise it is the previous forward (generation is unchanged)."""
-    _check_model(model)
+    transform = _check_model(model).kwargs()
     previous_forward = model.forward
-    temperature = temperature / _logit_scale(model.config)  # softmax(s * z / T) = softmax(z / (T / s))
 
     @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
     def forward(self, *args, grpo_fast_loss=None, **kwargs):
         if grpo_fast_loss is None:
             return previous_forward(*args, **kwargs)
-        return _fused_grpo_head(self, dict(grpo_fast_loss), temperature, cast_lm_head_to_fp32, args, kwargs)
+        return _fused_grpo_head(self, dict(grpo_fast_loss), temperature, transform, cast_lm_head_to_fp32, args, kwargs)
 
     model.forward = types.MethodType(forward, model)
 
