@@ -380,8 +380,10 @@ def test_sequence_logps_paths_agree_valid_empty_and_nan(on, model):
         (lambda m, p, i, k: grpo_fast.sequence_logps(None, p, i, k, group_size=2), TypeError, "model"),
         (lambda m, p, i, k: grpo_fast.sequence_logps(m, p, i, k, group_size=2, attention="flex"), ValueError,
          "attention='flex'"),
+        (lambda m, p, i, k: grpo_fast.sequence_logps(m, p, i, k, group_size=0), ValueError, "group_size"),
+        (lambda m, p, i, k: grpo_fast.sequence_logps(m, p, i, k.flip(1), group_size=2), ValueError, "1s then 0s"),
     ],
-    ids=["D25-fractional-mask", "D27-model-none", "D27-flex-on-cpu"],
+    ids=["D25-fractional-mask", "D27-model-none", "D27-flex-on-cpu", "group-size-0", "mask-holes"],
 )  # fmt: skip
 def test_sequence_logps_bad_input(on, model, call, error, message):
     prompts, ids, mask = rollout_inputs()
@@ -391,6 +393,25 @@ def test_sequence_logps_bad_input(on, model, call, error, message):
         on(path)
         with pytest.raises(error, match=message):
             call(model, prompts, ids, mask)
+
+
+GENERATE_BAD = [
+    ("group-size-0", dict(group_size=0), ValueError, "group_size"),
+    ("max-new-tokens-0", dict(max_new_tokens=0), ValueError, "max_new_tokens"),
+    ("temperature-nan", dict(temperature=NAN), ValueError, "temperature"),
+    ("no-prompts", dict(prompts=[]), ValueError, "prompts"),
+    ("empty-prompt", dict(prompts=[torch.tensor([], dtype=torch.long)]), ValueError, r"prompts\[0\] is empty"),
+    ("model-none", dict(model=None), TypeError, "model"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("change, error, message", [c[1:] for c in GENERATE_BAD], ids=[c[0] for c in GENERATE_BAD])
+def test_generate_groups_bad_input(on, model, change, error, message):
+    kw = dict(model=model, prompts=rollout_inputs()[0], group_size=2, max_new_tokens=3) | change
+    for path in PATHS:
+        on(path)
+        with pytest.raises(error, match=message):
+            grpo_fast.generate_groups(**kw)
 
 
 def test_generate_groups_refuses_non_finite_logits(on, model):
@@ -429,6 +450,7 @@ def linear_call(**change):
     return lambda: grpo_fast.fused_linear_grpo_loss(hidden, weight, case["ids"], mask, **kw)
 
 
+ID3 = torch.zeros(3, dtype=torch.long)
 BAD = [
     ("D25-mask-negative", grpo_call(mask=-torch.ones(B, T)), ValueError, "completion_mask must hold only 0 and 1"),
     ("D25-mask-nan", grpo_call(mask=torch.full((B, T), NAN)), ValueError, "completion_mask must hold only 0 and 1"),
@@ -440,6 +462,13 @@ BAD = [
     ("D26-num-items-bool", grpo_call(num_items_in_batch=True), TypeError, "num_items_in_batch"),
     ("D27-hidden-size-0", linear_call(hidden=torch.zeros(B, T, 0), weight=torch.zeros(V, 0)), ValueError, "weight"),
     ("beta-bool", grpo_call(beta=True, ref_logps=torch.zeros(B, T)), ValueError, "beta"),
+    ("logps-ids-out-of-range", lambda: grpo_fast.fused_linear_logps(torch.randn(3, H), torch.randn(V, H), ID3 + V),
+     ValueError, "ids"),
+    ("logps-hidden-size-0", lambda: grpo_fast.fused_linear_logps(torch.zeros(3, 0), torch.zeros(V, 0), ID3),
+     ValueError, "weight"),
+    ("sls-temperature-nan", lambda: grpo_fast.selective_log_softmax(torch.randn(3, V), ID3, NAN), ValueError,
+     "temperature"),
+    ("sls-ids-negative", lambda: grpo_fast.selective_log_softmax(torch.randn(3, V), ID3 - 1), ValueError, "ids"),
 ]  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import pytest
 from test_train_run import char_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo_fast import train
+from grpo_fast import config, train
 
 pytestmark = pytest.mark.usefixtures("trainer_cpu_path")
 
@@ -40,6 +40,13 @@ FILES = {  # name -> text
     "dict-prompt.jsonl": jsonl(task_rows(5, {"prompt": {"role": "user", "content": "abc="}, "answer": "cba"})),
     "no-content.jsonl": jsonl([{"prompt": [{"role": "user", "text": w + "="}], "answer": w[::-1]} for w in WORDS]),
     "empty-prompt.jsonl": jsonl(task_rows(3, {"prompt": "", "answer": "abc"})),
+    "strings-prompt.jsonl": jsonl(
+        [
+            {"prompt": [w[:2], w[2:]] if i == 2 else [{"role": "user", "content": w}], "answer": w[::-1]}
+            for i, w in enumerate(WORDS)
+        ]
+    ),
+    "no-prompt-key.jsonl": jsonl(task_rows(4, {"answer": "abc"})),
     "no-answer.jsonl": jsonl(task_rows(9, {"prompt": "abc=", "answer": None})),
     "words.csv": "prompt,answer\nabc=,cba\n",
     "words.txt": "abc=\n",
@@ -114,6 +121,8 @@ CASES = [
     ("D3-number-prompt", ["--dataset", "{tmp}/number-prompt.jsonl"], r"dataset row 7: prompt must be .*got 12"),
     ("D3-dict-prompt", ["--dataset", "{tmp}/dict-prompt.jsonl"], r"dataset row 5: prompt must be .*got \{'role'"),
     ("D3-message-without-content", ["--dataset", "{tmp}/no-content.jsonl"], r"dataset row 0: prompt must be"),
+    ("D3-list-of-strings", ["--dataset", "{tmp}/strings-prompt.jsonl"], r"dataset row 2: prompt must be .*\['ab'"),
+    ("D3-missing-prompt-key", ["--dataset", "{tmp}/no-prompt-key.jsonl"], r"dataset row 4: prompt must be .*None"),
     ("D3-empty-prompt", ["--dataset", "{tmp}/empty-prompt.jsonl"], r"dataset row 3: prompt encodes to no tokens"),
     ("D3-missing-answer", ["--dataset", "{tmp}/no-answer.jsonl"], r"dataset row 9: no answer in column 'answer'"),
     ("D3-missing-prompt-column", ["--dataset", "{tmp}/words.csv", "--prompt-column", "q"], r"no prompt column 'q'"),
@@ -259,3 +268,13 @@ def test_resume_reports_the_checkpoint_of_an_incompatible_older_run(tmp_path, ca
         "checkpoint-0000002 does not fit this run (it holds full weights (a --no-lora run) and this run has --lora)"
         in err
     )
+
+
+def test_config_file_values_that_are_valid(tmp_path):
+    """YAML 1.1 reads 1e-5 as a string (no dot): still a number; ints widen to floats; true/false are booleans."""
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-5\nreward_weights: [1, 0.5]\nrewards: [reverse, length]\n"
+                                     "lora: false\nepsilon_high: null\nmax_steps: 7\n")  # fmt: skip
+    cfg = config.parse(["--config", str(tmp_path / "c.yaml")])
+    assert (cfg.learning_rate, cfg.reward_weights, cfg.lora, cfg.epsilon_high, cfg.max_steps) == (
+        1e-5, [1.0, 0.5], False, None, 7)  # fmt: skip
+    assert isinstance(cfg.reward_weights[0], float)
