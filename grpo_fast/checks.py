@@ -149,7 +149,6 @@ def token_inputs(
     """Checks the per-row and per-token companions of a (B, T) batch of completions."""
     tensor(completion_mask, "completion_mask", ndim=2)
     shape(completion_mask, "completion_mask", (B, T))
-    binary_mask(completion_mask, "completion_mask")
     if (advantages is None) == (rewards_ is None):
         raise ValueError("pass exactly one of advantages or rewards (with group_size)")
     if advantages is not None:
@@ -172,6 +171,7 @@ def token_inputs(
     for name, t in zip(names, tensors):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but the model inputs are on {device}")
+    binary_mask(completion_mask, "completion_mask")  # reads values: after the device check
     if num_items_in_batch is not None:
         number_or_scalar_tensor(num_items_in_batch, "num_items_in_batch")
 
