@@ -65,11 +65,9 @@ def catching(run):
     @functools.wraps(run)
     def wrapped(*args, **kwargs):
         global _state
-        if threading.current_thread() is not threading.main_thread():
-            _state = Signals()
-            return run(*args, **kwargs)
         outer, _state = _state, Signals()
-        previous = {s: signal.signal(s, _state.handle) for s in SIGNALS}
+        main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, _state.handle) for s in SIGNALS} if main else {}
         try:
             return run(*args, **kwargs)
         finally:

@@ -112,14 +112,13 @@ def test_grpo_loss_paths_and_reference_agree_on_valid_input(on, kw):
     assert torch.isfinite(got["kernel"][0]) and torch.isfinite(got["kernel"][1]).all()
 
 
-GARBAGE = [
-    ("logits", NAN), ("logits", INF), ("logits", -INF), ("logits", 1e30),
-    ("old", NAN), ("old", INF), ("ref", NAN), ("ref", -INF),
-]  # fmt: skip
+GARBAGE = [(w, v, kw) for w, v in (("logits", NAN), ("logits", INF), ("logits", -INF), ("logits", 1e30))
+           for kw in OPTIONS]  # fmt: skip
+GARBAGE += [(w, v, OPTIONS[2]) for w, v in (("old", NAN), ("old", INF), ("ref", NAN), ("ref", -INF))]  # KL and delta
+GARBAGE_IDS = [f"{w}-{v}-{OPTION_IDS[OPTIONS.index(kw)]}" for w, v, kw in GARBAGE]
 
 
-@pytest.mark.parametrize("kw", OPTIONS, ids=OPTION_IDS)
-@pytest.mark.parametrize("where, value", GARBAGE, ids=[f"{w}-{v}" for w, v in GARBAGE])
+@pytest.mark.parametrize("where, value, kw", GARBAGE, ids=GARBAGE_IDS)
 def test_masked_positions_never_matter(on, kw, where, value):
     """Garbage at masked positions: the clean result on every path (loss, gradient, metrics), zero gradient there."""
     case = loss_case()
