@@ -3,9 +3,12 @@ with os.replace, so a crash mid-write leaves the previous checkpoint intact.
 
 A checkpoint `checkpoint-<step>` holds the model (a peft adapter, or full weights) via
 save_pretrained, `trainer.pt` (optimizer, scheduler, torch/python/numpy/sampling RNG states) and
-`trainer_state.json` (step, data position, world size), written last. Under torchrun every rank calls
-`save` and `load`; rank 0 alone writes, except for fsdp2, where each rank writes its shards of the weights
-and optimizer through torch.distributed.checkpoint (`dcp/`) and the adapter/weights files are left out.
+`trainer_state.json` (step, data position, world size, the run's config), written last. Loading is
+`read` (every file into memory: a torn file is `Unreadable` and nothing is touched) then `apply`
+(in place; a checkpoint that does not fit the model is a ValueError naming the probable cause).
+Under torchrun every rank calls `save`, `read` and `apply`; rank 0 alone writes, except for fsdp2, where
+each rank writes its shards of the weights and optimizer through torch.distributed.checkpoint (`dcp/`)
+and the adapter/weights files are left out.
 """
 
 from __future__ import annotations
@@ -241,8 +244,3 @@ def apply(loaded: Loaded, model, optimizer, scheduler, generator, sharded: bool 
             f"resume: checkpoint {loaded.path} does not fit this run ({_misfit(loaded, model)}): {first}"
         ) from e
     return loaded.state
-
-
-def load(path: str | Path, model, optimizer, scheduler, generator, sharded: bool = False) -> dict:
-    """read + apply: restores a checkpoint in place; returns trainer_state.json. Every rank calls it."""
-    return apply(read(path, sharded), model, optimizer, scheduler, generator, sharded)

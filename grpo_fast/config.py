@@ -241,7 +241,7 @@ def coerce(name: str, value, source: str):
 
 def merge(cfg: Config, values: dict, source: str) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(map(str, set(values) - names))  # str: YAML keys may be numbers
     if unknown:
         raise ValueError(f"{source}: unknown config fields {unknown}; see --help")
     return dataclasses.replace(cfg, **{k: coerce(k, v, source) for k, v in values.items()})

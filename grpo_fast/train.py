@@ -2,7 +2,7 @@
 
 With no arguments it trains the embedded tiny Llama (tiny.py) on the built-in "reverse" task, on a CPU
 in a few minutes. With `--model` (Hugging Face id or local path) and `--dataset` (HF id, local
-JSONL/Parquet, or a built-in task) it trains a real model, with LoRA by default.
+JSONL/JSON/CSV/Parquet, or a built-in task) it trains a real model, with LoRA by default.
 
 Each step: draw `prompts_per_step` prompts, sample `group_size` completions per prompt with the
 prompt's KV stored once (generate_groups), score them (rewards.py), compute group advantages, then
@@ -10,6 +10,8 @@ prompt's KV stored once (generate_groups), score them (rewards.py), compute grou
 loss is fused_linear_grpo_loss on shared-prefix packed hidden states (each prompt computed once per
 group, logits never materialized); old and reference log-probs come from no-grad fused passes.
 Output directory: metrics.jsonl, reward_curve.png, samples.jsonl, config.json, checkpoints/, final/.
+Bad input stops before the model loads (config.validate, dataset_rows, resume.plan) with exit status 2 and one
+line; SIGINT/SIGTERM stop at a step boundary with a checkpoint (interrupt.py); --resume is exact (resume.py).
 
 Under `torchrun --nproc_per_node N -m grpo_fast.train` it trains data-parallel (distributed.py): each rank
 samples and scores its contiguous share of the step's prompts (whole groups), advantages come from every
@@ -223,7 +225,8 @@ class Diverged(ValueError):
 
 
 def update(model, optimizer, scheduler, mbs: list[dict], cfg) -> dict:
-    """One optimizer update; a non-finite loss or gradient is reported and not applied."""
+    """One optimizer update; a non-finite loss or gradient is reported and not applied, non-finite weights after
+    it raise Diverged."""
     params = [p for group in optimizer.param_groups for p in group["params"]]  # fsdp2: the sharded ones
     optimizer.zero_grad(set_to_none=True)
     loss, metrics = accumulate(model, mbs, cfg)
@@ -288,11 +291,10 @@ def save_final(model, tokenizer, out: Path) -> None:
     distributed.barrier()
 
 
-def save(cfg, ckpt_dir: Path, done: int, model, optimizer, scheduler, gen, position: int) -> Path:
+def save(cfg, ckpt_dir: Path, done: int, model, optimizer, scheduler, gen, position: int) -> None:
     """checkpoint-<done>; trainer_state.json also holds the run's config (checked on --resume)."""
-    state = {"data_position": position, "config": config.to_dict(cfg)}
-    sharded = isinstance(model, distributed.Runner)
-    return checkpoint.save(ckpt_dir, done, model, optimizer, scheduler, gen, state, cfg.keep_checkpoints, sharded)
+    state, sharded = {"data_position": position, "config": config.to_dict(cfg)}, isinstance(model, distributed.Runner)
+    checkpoint.save(ckpt_dir, done, model, optimizer, scheduler, gen, state, cfg.keep_checkpoints, sharded)
 
 
 def setup(cfg: config.Config, out: Path):
@@ -312,9 +314,8 @@ def setup(cfg: config.Config, out: Path):
 
 @interrupt.catching
 def run(cfg: config.Config) -> list[dict]:
-    """Trains according to `cfg`; returns the metrics rows written to metrics.jsonl by this call. Bad input is a
-    ValueError, raised before step 1 wherever it can be found without training; a signal ends the run at a step
-    boundary with interrupt.Stopped, after a checkpoint of the last completed step."""
+    """Trains according to `cfg`; returns the metrics rows written by this call. Bad input is a ValueError (before
+    step 1 wherever possible); a signal ends the run with interrupt.Stopped after a checkpoint of the last step."""
     cfg = config.validate(cfg)
     out, world_size = Path(cfg.output_dir), distributed.world()[1]
     if cfg.prompts_per_step % world_size:
@@ -375,8 +376,7 @@ def run(cfg: config.Config) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The entry point: 0 when training completed; 2 and one line `error: ...` for bad input; 130/143 after a
-    signal (a checkpoint of the last completed step written, the resume command printed)."""
+    """Exit status 0 when training completed; 2 and one line `error: ...` for bad input; 130/143 after a signal."""
     argv = sys.argv[1:] if argv is None else list(argv)
     rank, world_size = distributed.world()
     try:
