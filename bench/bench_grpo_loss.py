@@ -82,10 +82,24 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
 # tensors whose gradients backward produces. Peers raise common.Missing / common.Skipped.
 
 
+class _Alias(torch.autograd.Function):
+    """A non-leaf alias of the logits' storage, no copy: what a model's output is to an in-place loss (which
+    refuses a leaf, and marks the buffer it consumes)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def _grpo_fast(inp, case, quick, inplace: bool = False):
     def loss_fn():
+        logits = _Alias.apply(inp["logits"]) if inplace else inp["logits"]
         loss, _ = grpo_fast.grpo_loss(
-            inp["logits"], inp["ids"], inp["completion_mask"], rewards=inp["rewards"], group_size=case.G,
+            logits, inp["ids"], inp["completion_mask"], rewards=inp["rewards"], group_size=case.G,
             old_logps=inp["old_logps"], ref_logps=inp["ref_logps"], inplace_backward=inplace, **OPTIONS,
         )  # fmt: skip
         return loss

@@ -52,6 +52,29 @@ def finite(x: torch.Tensor | None, name: str) -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def binary_mask(mask: torch.Tensor, name: str) -> None:
+    """Every value 0 or 1 (bool, int or float): a fraction, a negative or NaN would weigh tokens silently."""
+    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+        raise ValueError(f"{name} must hold only 0 and 1, found {bad!r}")
+
+
+def number_or_scalar_tensor(x, name: str) -> None:
+    """A finite positive int/float, or a 0-d tensor holding one."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 0 or not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
+            raise ValueError(
+                f"{name} must be a number or a 0-d int/float tensor, got a {x.dtype} tensor {tuple(x.shape)}"
+            )
+        value = float(x)
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        value = float(x)
+    else:
+        raise TypeError(f"{name} must be a number or a 0-d tensor, got {type(x).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {x!r}")
+
+
 def positive_number(x, name: str) -> None:
     if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or x <= 0:
         raise ValueError(f"{name} must be a finite positive number, got {x!r}")
@@ -89,8 +112,8 @@ def loss_options(
     loss_type: str,
     importance_sampling_level: str,
     max_completion_length: int | None,
-    ref_logps: torch.Tensor | None,
 ) -> None:
+    """The loss's options on their own (no tensors): shared by the ops and the trainer's config.validate."""
     choice(loss_type, "loss_type", LOSS_TYPES)
     choice(importance_sampling_level, "importance_sampling_level", IMPORTANCE_LEVELS)
     positive_number(temperature, "temperature")
@@ -99,11 +122,13 @@ def loss_options(
         positive_number(epsilon_high, "epsilon_high")
     if delta is not None:
         positive_number(delta, "delta")
-    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta) or beta < 0:
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-    if beta != 0 and ref_logps is None:
-        raise ValueError("ref_logps is required when beta != 0")
-    if max_completion_length is not None and (not isinstance(max_completion_length, int) or max_completion_length < 1):
+    if max_completion_length is not None and (
+        not isinstance(max_completion_length, int)
+        or isinstance(max_completion_length, bool)
+        or max_completion_length < 1
+    ):
         raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
 
 
@@ -146,10 +171,9 @@ def token_inputs(
     for name, t in zip(names, tensors):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but the model inputs are on {device}")
+    binary_mask(completion_mask, "completion_mask")  # reads values: after the device check
     if num_items_in_batch is not None:
-        n = float(num_items_in_batch)
-        if not math.isfinite(n) or n <= 0:
-            raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+        number_or_scalar_tensor(num_items_in_batch, "num_items_in_batch")
 
 
 def grpo_batch(B: int, T: int, V: int, device: torch.device, completion_ids, completion_mask, **kw) -> None:
@@ -169,8 +193,10 @@ def grpo_batch(B: int, T: int, V: int, device: torch.device, completion_ids, com
     token["rewards_"], token["group_size_"] = token.pop("rewards"), token.pop("group_size")
     token_inputs(B, T, device, completion_mask=completion_mask, **token)
     option_names = ("beta", "epsilon", "epsilon_high", "delta", "temperature", "loss_type")
-    option_names += ("importance_sampling_level", "max_completion_length", "ref_logps")
+    option_names += ("importance_sampling_level", "max_completion_length")
     loss_options(**{k: kw[k] for k in option_names})
+    if kw["beta"] != 0 and kw["ref_logps"] is None:
+        raise ValueError("ref_logps is required when beta != 0")
 
 
 def linear_head(hidden, weight, bias, ids, ids_name: str = "ids") -> None:
@@ -180,6 +206,8 @@ def linear_head(hidden, weight, bias, ids, ids_name: str = "ids") -> None:
     tensor(ids, ids_name)
     floating(hidden, "hidden")
     floating(weight, "weight")
+    if weight.shape[1] == 0 or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape (V, H) with V, H >= 1, got {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden's last dimension must equal weight's H={weight.shape[1]}, got {tuple(hidden.shape)}")
     if hidden.dtype != weight.dtype:

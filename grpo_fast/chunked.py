@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import inplace
+
 CHUNK_ELEMENTS = 1 << 22  # 4M fp32 temporaries (16 MB) per chunk
 
 
@@ -24,10 +26,11 @@ def logsumexp_entropy(logits2d: torch.Tensor, temperature: float, with_entropy: 
     step = _chunk_rows(V)
     for s in range(0, N, step):
         x = logits2d[s : s + step].float() / temperature  # (n, V)
-        lse[s : s + step] = torch.logsumexp(x, dim=-1)
+        m = torch.logsumexp(x, dim=-1)  # (n,)
+        lse[s : s + step] = torch.where(torch.isposinf(m), float("nan"), m)  # a +inf logit: undefined, as in Triton
         if with_entropy:
             p = torch.softmax(x, dim=-1)
-            ent[s : s + step] = lse[s : s + step] - (p * x).sum(-1)
+            ent[s : s + step] = lse[s : s + step] - (p * torch.where(p > 0, x, 0.0)).sum(-1)  # -inf logit: 0, not NaN
     return lse, ent
 
 
@@ -38,20 +41,25 @@ class ChunkedSelectiveLogSoftmax(torch.autograd.Function):
     def forward(ctx, logits2d, ids1d, temperature, inplace_backward):
         lse, _ = logsumexp_entropy(logits2d, temperature, with_entropy=False)
         target = logits2d.gather(1, ids1d.unsqueeze(1)).squeeze(1).float() / temperature
-        ctx.save_for_backward(logits2d, ids1d, lse)
+        if inplace_backward:  # backward writes dlogits into the buffer; the caller marks it consumed
+            inplace.hold(ctx, logits2d)
+            ctx.save_for_backward(ids1d, lse)
+        else:
+            ctx.save_for_backward(ids1d, lse, logits2d)
         ctx.temperature, ctx.inplace = temperature, inplace_backward
         return target - lse  # (N,) fp32
 
     @staticmethod
     def backward(ctx, grad_logp):
-        logits2d, ids1d, lse = ctx.saved_tensors
+        ids1d, lse, *rest = ctx.saved_tensors
+        logits2d = inplace.held(ctx) if ctx.inplace else rest[0]
         T = ctx.temperature
         grad = logits2d if ctx.inplace else torch.empty_like(logits2d)  # (N, V): the only N*V tensor
         step = _chunk_rows(logits2d.shape[1])
         for s in range(0, logits2d.shape[0], step):
             g = grad_logp[s : s + step].float().unsqueeze(1)  # (n, 1)
             p = torch.exp(logits2d[s : s + step].float() / T - lse[s : s + step].unsqueeze(1))  # (n, V)
-            d = -g * p
+            d = torch.where(g != 0, -g * p, 0.0)  # rows without gradient (masked) may hold NaN: never read
             d.scatter_add_(1, ids1d[s : s + step].unsqueeze(1), g)
             grad[s : s + step] = (d / T).to(grad.dtype)
         return grad, None, None, None
@@ -62,7 +70,10 @@ def selective_log_softmax(
 ) -> torch.Tensor:
     """Chunked log_softmax(logits / T)[ids]: (..., V), (...) -> (...) fp32."""
     V = logits.shape[-1]
-    out = ChunkedSelectiveLogSoftmax.apply(logits.reshape(-1, V), ids.reshape(-1), float(temperature), inplace_backward)
+    logits2d = logits.reshape(-1, V)
+    out = ChunkedSelectiveLogSoftmax.apply(logits2d, ids.reshape(-1), float(temperature), inplace_backward)
+    if inplace_backward:
+        inplace.consume(logits2d)  # as on the kernel path: autograd sees that the buffer is taken
     return out.view(ids.shape)
 
 

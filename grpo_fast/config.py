@@ -10,13 +10,15 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import re
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .reference import IMPORTANCE_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from . import checks
+from .reference import SCALE_REWARDS
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -29,17 +31,17 @@ class Config:
     dataset_config: str | None = None  # HF dataset configuration name (e.g. "main")
     dataset_split: str = "train"  # HF dataset split
     prompt_column: str = "prompt"  # dataset column holding the prompt (text or chat messages)
-    answer_column: str = "answer"  # dataset column the math reward compares with
+    answer_column: str = "answer"  # dataset column the rewards receive as `answer` (math and reverse compare with it)
     system_prompt: str | None = None  # system message, when the tokenizer has a chat template
     rewards: list[str] = field(default_factory=lambda: ["math"])  # built-in names or module:function
     reward_weights: list[float] | None = None  # one weight per reward function; none: all 1
     # model and memory
     lora: bool = True  # LoRA adapters through peft; --no-lora: full fine-tuning
     lora_rank: int = 16  # LoRA rank r
-    lora_alpha: int = 32  # LoRA alpha (scale alpha / r)
+    lora_alpha: int = 32  # LoRA alpha (scale alpha / r), >= 1
     lora_dropout: float = 0.0  # LoRA dropout (0 keeps old and new log-probs on the same network)
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # or "all-linear"
-    load_in_4bit: bool = False  # 4-bit NF4 base via bitsandbytes (needs a CUDA GPU)
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # module names, or all-linear
+    load_in_4bit: bool = False  # 4-bit NF4 base via bitsandbytes (needs a CUDA GPU and a --model)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     bf16: bool = True  # bf16 weights on GPU; CPU always runs fp32
     # rollout
@@ -64,17 +66,17 @@ class Config:
     # optimization
     learning_rate: float = 1e-5  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    warmup_ratio: float = 0.05  # fraction of updates with linear warmup, then cosine to 0
-    max_grad_norm: float = 1.0  # gradient clipping
+    warmup_ratio: float = 0.05  # fraction of updates (in [0, 1]) with linear warmup, then cosine to 0
+    max_grad_norm: float = 1.0  # gradient clipping: the update's global gradient norm is at most this (> 0)
     max_steps: int = 200  # rollout steps
     # run
     output_dir: str = "runs/grpo"  # metrics.jsonl, reward_curve.png, samples.jsonl, config, checkpoints
     save_steps: int = 50  # checkpoint every K steps (and at the end); 0: only at the end
-    keep_checkpoints: int = 2  # most recent checkpoints kept
-    log_samples_steps: int = 10  # write sample completions every K steps
-    plot_steps: int = 10  # refresh the reward-curve PNG every K steps
-    seed: int = 0  # seeds torch, python, numpy and the sampling generator
-    resume: bool = False  # continue from the latest checkpoint in output_dir
+    keep_checkpoints: int = 2  # most recent checkpoints kept; 0 keeps every one
+    log_samples_steps: int = 10  # write sample completions every K steps (and at step 1); 0: never
+    plot_steps: int = 10  # refresh the reward-curve PNG every K steps (and at the end); 0: only at the end
+    seed: int = 0  # seeds torch, python, numpy and the sampling generator; 0 .. 2**32 - 1
+    resume: bool = False  # continue from the latest checkpoint in output_dir (none yet: start at step 0)
     progress: bool = True  # tqdm progress bar
     cpu_threads: int = 0  # torch CPU threads; 0: torch's default (1 suits tiny models on a shared CPU)
     parallel: str = "ddp"  # under torchrun: ddp (replicated weights, gradients all-reduced) | fsdp2 (fully_shard)
@@ -165,24 +167,84 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
 
 
 def read_file(path: str) -> dict:
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+    """The mapping in a JSON or YAML config file; ValueError naming the file when it cannot be read or parsed."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"config file {path}: unsupported type {suffix or '(none)'!r}; use .json, .yaml or .yml")
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {path}: cannot read it: {getattr(e, 'strerror', None) or e}") from e
+    import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+    try:
+        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"config file {path}: cannot parse it: {' '.join(str(e).split())}") from e
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of field names to values")
     return data
 
 
+def _describe(tp) -> str:
+    base, is_list, optional = _shape(tp)
+    one, many = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+                 str: ("a string", "strings")}[base]  # fmt: skip
+    return (f"a list of {many}" if is_list else one) + (" or null" if optional else "")
+
+
+def _shape(tp) -> tuple[type, bool, bool]:
+    """(scalar type, is a list, accepts None) of a Config field's type hint."""
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    inner = next((a for a in args if a is not type(None)), tp) if optional else tp
+    if typing.get_origin(inner) is list:
+        return typing.get_args(inner)[0], True, optional
+    return inner, False, optional
+
+
+def _scalar_value(value, base: type):
+    """`value` as `base`, or raises TypeError. An int is a valid float; a string a YAML 1.1 reader left
+    unparsed ("1e-5") is a float too. A bool is never a number, and only a bool is a bool."""
+    if base is bool and isinstance(value, bool):
+        return value
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if base is str and isinstance(value, str):
+        return value
+    raise TypeError
+
+
+def coerce(name: str, value, source: str):
+    """`value` checked against Config's type hint for field `name`; ValueError naming `source` and the field."""
+    tp = _field_types()[name]
+    base, is_list, optional = _shape(tp)
+    try:
+        if value is None and optional:
+            return None
+        if is_list != isinstance(value, list):
+            raise TypeError
+        return [_scalar_value(v, base) for v in value] if is_list else _scalar_value(value, base)
+    except TypeError:
+        hint = f" (write [{value}])" if is_list and isinstance(value, (str, int, float)) else ""
+        raise ValueError(f"{source}: {name} must be {_describe(tp)}, got {value!r}{hint}") from None
+
+
 def merge(cfg: Config, values: dict, source: str) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(map(str, set(values) - names))  # str: YAML keys may be numbers
     if unknown:
         raise ValueError(f"{source}: unknown config fields {unknown}; see --help")
-    return dataclasses.replace(cfg, **values)
+    return dataclasses.replace(cfg, **{k: coerce(k, v, source) for k, v in values.items()})
 
 
 def parse(argv: list[str] | None = None) -> Config:
@@ -194,7 +256,8 @@ def parse(argv: list[str] | None = None) -> Config:
     pre.add_argument("--model", default=None)
     known, _ = pre.parse_known_args(argv)
     file_values = read_file(known.config) if known.config else {}
-    preset = known.preset or (None if (known.model or file_values.get("model")) else "tiny")
+    from_file = merge(Config(), file_values, f"config file {known.config}")  # types checked before anything
+    preset = known.preset or (None if (known.model or from_file.model) else "tiny")
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
     cfg = merge(Config(), PRESETS[preset], f"preset {preset}") if preset else Config()
@@ -204,32 +267,81 @@ def parse(argv: list[str] | None = None) -> Config:
     return validate(Config(**args))
 
 
-def validate(cfg: Config) -> Config:
-    """Checks that need no model or data; raises ValueError naming the field."""
-    for name in ("group_size", "prompts_per_step", "micro_batch_groups", "max_prompt_length", "max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (advantages compare samples within a group), got {cfg.group_size}")
-    if cfg.max_steps < 1 or cfg.num_iterations < 1 or cfg.save_steps < 0:
-        raise ValueError("max_steps and num_iterations must be >= 1 and save_steps >= 0")
-    for name, options in (
-        ("loss_type", LOSS_TYPES),
-        ("scale_rewards", SCALE_REWARDS),
-        ("importance_sampling_level", IMPORTANCE_LEVELS),
-    ):
-        if getattr(cfg, name) not in options:
-            raise ValueError(f"{name} must be one of {options}, got {getattr(cfg, name)!r}")
-    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
-        raise ValueError("temperature must be > 0, top_p in (0, 1], top_k >= 0")
-    if cfg.parallel not in ("ddp", "fsdp2"):
-        raise ValueError(f"parallel must be one of ('ddp', 'fsdp2'), got {cfg.parallel!r}")
-    if cfg.rollout_groups < 0:
-        raise ValueError(f"rollout_groups must be >= 0, got {cfg.rollout_groups}")
+# Lower bounds of the integer fields, checked by validate.
+AT_LEAST = dict(
+    group_size=2, prompts_per_step=1, micro_batch_groups=1, max_prompt_length=1, max_new_tokens=1, max_steps=1,
+    num_iterations=1, lora_rank=1, lora_alpha=1, top_k=0, rollout_groups=0, save_steps=0, keep_checkpoints=0,
+    log_samples_steps=0, plot_steps=0, cpu_threads=0, seed=0,
+)  # fmt: skip
+WHY = {"group_size": " (advantages compare samples within a group)", "lora_alpha": " (the LoRA scale is alpha / r)"}
+SEED_MAX = 2**32 - 1  # numpy's seed range
+
+
+def _in_range(cfg: Config, name: str, low: float, high: float, low_open=False, high_open=False) -> None:
+    v = getattr(cfg, name)
+    ok = math.isfinite(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {v}")
+
+
+def _check_numbers(cfg: Config) -> None:
+    for name, low in AT_LEAST.items():
+        if getattr(cfg, name) < low:
+            raise ValueError(f"{name} must be >= {low}{WHY.get(name, '')}, got {getattr(cfg, name)}")
+    if cfg.seed > SEED_MAX:
+        raise ValueError(f"seed must be <= {SEED_MAX}, got {cfg.seed}")
+    _in_range(cfg, "learning_rate", 0, math.inf, low_open=True, high_open=True)
+    _in_range(cfg, "max_grad_norm", 0, math.inf, low_open=True, high_open=True)  # <= 0 would flip or zero the step
+    _in_range(cfg, "weight_decay", 0, math.inf, high_open=True)
+    _in_range(cfg, "warmup_ratio", 0, 1)
+    _in_range(cfg, "lora_dropout", 0, 1, high_open=True)
+    _in_range(cfg, "top_p", 0, 1, low_open=True)
+    checks.loss_options(
+        beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, temperature=cfg.temperature,
+        loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
+        max_completion_length=cfg.max_new_tokens,
+    )  # fmt: skip
+
+
+def _check_rewards(cfg: Config) -> None:
     if not cfg.rewards:
         raise ValueError("rewards must name at least one reward function")
-    if cfg.reward_weights is not None and len(cfg.reward_weights) != len(cfg.rewards):
+    if len(set(cfg.rewards)) != len(cfg.rewards):
+        raise ValueError(f"rewards lists a function twice: {cfg.rewards}; weigh it with reward_weights instead")
+    if cfg.reward_weights is None:
+        return
+    if len(cfg.reward_weights) != len(cfg.rewards):
         raise ValueError(f"reward_weights has {len(cfg.reward_weights)} values for {len(cfg.rewards)} rewards")
+    if not all(math.isfinite(w) for w in cfg.reward_weights):
+        raise ValueError(f"reward_weights must be finite, got {cfg.reward_weights}")
+    if not any(cfg.reward_weights):
+        raise ValueError("reward_weights are all 0: no reward would reach the loss")
+
+
+def _check_choices(cfg: Config) -> None:
+    checks.choice(cfg.scale_rewards, "scale_rewards", SCALE_REWARDS)
+    checks.choice(cfg.parallel, "parallel", ("ddp", "fsdp2"))
+    for name in ("output_dir", "dataset", "prompt_column", "answer_column"):
+        if not getattr(cfg, name).strip():
+            raise ValueError(f"{name} must not be empty")
+    if not cfg.lora_target_modules:
+        raise ValueError("lora_target_modules must name at least one module (or all-linear)")
+    if cfg.load_in_4bit and not cfg.model:
+        raise ValueError("load_in_4bit applies to a --model; the embedded tiny model is never quantized")
+    if cfg.dataset == "reverse" and (cfg.dataset_config is not None or cfg.dataset_split != "train"):
+        raise ValueError("dataset_config and dataset_split do not apply to the built-in reverse task")
+
+
+def validate(cfg: Config) -> Config:
+    """Every check that needs no model or data: types (Config built in code too), ranges, choices, finiteness.
+    Raises ValueError naming the field; returns the config with ints widened where a float is declared."""
+    cfg = dataclasses.replace(
+        cfg, **{f.name: coerce(f.name, getattr(cfg, f.name), "config") for f in dataclasses.fields(Config)}
+    )
+    _check_numbers(cfg)
+    _check_rewards(cfg)
+    _check_choices(cfg)
     return cfg
 
 

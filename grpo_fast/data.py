@@ -1,4 +1,4 @@
-"""Prompt datasets: a Hugging Face id (config, split), a local JSONL/Parquet file, or a built-in task;
+"""Prompt datasets: a Hugging Face id (config, split), a local JSONL/JSON/CSV/Parquet file, or a built-in task;
 and the deterministic order prompts are drawn in, so a resumed run sees the same prompts."""
 
 from __future__ import annotations
@@ -8,20 +8,44 @@ from pathlib import Path
 
 import torch
 
-# Built-in tasks: name -> (source, HF config, split, column renames to prompt/answer).
+# Built-in tasks: name -> (source, HF config, column renames to prompt/answer); the split is --dataset-split.
 BUILTIN = {
-    "reverse": ("tiny", None, None, {}),
-    "gsm8k": ("openai/gsm8k", "main", "train", {"question": "prompt"}),
+    "reverse": ("tiny", None, {}),
+    "gsm8k": ("openai/gsm8k", "main", {"question": "prompt"}),
 }
+
+
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # suffix -> datasets builder
+
+
+def _local_file(source: str, config: str | None, split: str) -> Path | None:
+    """The local data file `source` names (checked), or None for a Hub id or a local dataset directory. A name
+    that exists or has a file suffix is never sent to the Hub (which would retry for half a minute)."""
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_dir() or not (path.exists() or suffix in FILE_TYPES or source.startswith((".", "/", "~"))):
+        return None
+    if not path.is_file():
+        raise ValueError(f"dataset: no such file {source!r}")
+    if suffix not in FILE_TYPES:
+        raise ValueError(
+            f"dataset: unsupported file type {suffix or '(none)'!r} of {source!r}; use .jsonl, .json, .csv or .parquet"
+        )
+    if path.stat().st_size == 0:
+        raise ValueError(f"dataset file {source!r} is empty")
+    if config is not None or split != "train":
+        raise ValueError(
+            "dataset_config and dataset_split apply to Hugging Face datasets; a local file is loaded whole"
+        )
+    return path
 
 
 def _load_hf(source: str, config: str | None, split: str):
     import datasets
 
-    if source.endswith((".jsonl", ".json")):
-        return datasets.load_dataset("json", data_files=source, split="train")
-    if source.endswith(".parquet"):
-        return datasets.load_dataset("parquet", data_files=source, split="train")
+    local = _local_file(source, config, split)
+    if local is not None:
+        return datasets.load_dataset(FILE_TYPES[local.suffix.lower()], data_files=str(local), split="train")
     return datasets.load_dataset(source, config, split=split)
 
 
@@ -32,19 +56,20 @@ def load(source: str, config: str | None, split: str, prompt_column: str, answer
     """
     renames: dict[str, str] = {}
     if source in BUILTIN:
-        source, builtin_config, builtin_split, renames = BUILTIN[source]
-        config, split = config or builtin_config, builtin_split or split
+        source, builtin_config, renames = BUILTIN[source]
+        config = config or builtin_config  # the split stays the user's (default "train")
     if source == "tiny":
         from .tiny import reverse_task
 
         rows = reverse_task()
         columns = list(rows[0])
     else:
-        is_file = source.endswith((".jsonl", ".json", ".parquet"))
-        if is_file and not Path(source).is_file():
-            raise ValueError(f"dataset: no such file {source!r}")
         try:
             rows = _load_hf(source, config, split)
+        except ValueError as e:
+            if str(e).startswith("dataset"):  # ours, already one clear line
+                raise
+            raise ValueError(f"dataset: cannot load {source!r} (config {config!r}, split {split!r}): {e}") from e
         except Exception as e:
             raise ValueError(f"dataset: cannot load {source!r} (config {config!r}, split {split!r}): {e}") from e
         rows = rows.rename_columns({k: v for k, v in renames.items() if k in rows.column_names})
@@ -54,10 +79,6 @@ def load(source: str, config: str | None, split: str, prompt_column: str, answer
     if len(rows) == 0:
         raise ValueError(f"dataset {source!r} is empty")
     return rows
-
-
-def needs_answer(rewards: list[str]) -> bool:
-    return any(name in ("math", "reverse") for name in rewards)
 
 
 @dataclass

@@ -100,6 +100,13 @@ def all_max(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every parameter (each rank's local shards under fsdp2) is finite on every rank: one host sync."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    ok = bool(torch.stack([torch.isfinite(p.detach()).all() for p in local]).all()) if local else True
+    return all_max([float(not ok)])[0] == 0
+
+
 def all_gather(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Concatenation along `dim` of every rank's `x` (same shape on every rank), in rank order."""
     if not active():

@@ -98,8 +98,9 @@ def chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, temperature:
     dw = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needs[1] else None  # (V, H)
     db = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if needs[2] else None
     for s in range(0, N, n):
-        h, ids = hidden2d[s : s + n].to(dtype), ids1d[s : s + n]  # (n, H), (n,)
         g = grad_logp[s : s + n].to(dtype) / temperature  # (n,)
+        live = (g != 0).unsqueeze(1)  # (n, 1): rows without gradient (masked padding) may hold NaN: never used
+        h, ids = torch.where(live, hidden2d[s : s + n].to(dtype), 0.0), ids1d[s : s + n]  # (n, H), (n,)
         g_t = g * head.derivative(_target_z(h, weight, bias, ids)) if not head.identity else g  # onehot part
         dh_c = g_t.unsqueeze(1) * weight[ids].to(dtype) if needs[0] else None  # (n, H) fp32
         if needs[1]:
@@ -109,7 +110,7 @@ def chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, temperature:
         for v0 in range(0, weight.shape[0], v):
             z = _z_tile(h, weight, bias, v0, v0 + v)  # (n, v)
             p = torch.exp(head(z) / temperature - lse[s : s + n].unsqueeze(1))  # softmax
-            d = -g.unsqueeze(1) * p  # (n, v) dlogits, softmax part
+            d = torch.where(live, -g.unsqueeze(1) * p, 0.0)  # (n, v) dlogits, softmax part
             if not head.identity:
                 d = d * head.derivative(z)  # dz
             if needs[0]:
@@ -119,7 +120,7 @@ def chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, temperature:
             if needs[2]:
                 db[v0 : v0 + v] += d.sum(0)
         if needs[0]:
-            dh[s : s + n] = dh_c.to(dh.dtype)
+            dh[s : s + n] = torch.where(live, dh_c, 0.0).to(dh.dtype)  # a NaN head must not reach masked rows
     return dh, _cast(dw, weight.dtype), _cast(db, None if bias is None else bias.dtype)
 
 

@@ -49,7 +49,10 @@ def check_model(model, *halves: str) -> None:
     if base in _CHECKING:
         return
     if base not in _VERDICTS:
-        _VERDICTS[base] = verdicts(model)
+        found = verdicts(model)
+        if found is None:  # the model's own forward is not finite: nothing to compare; its NaN shows in our output
+            return
+        _VERDICTS[base] = found
     for half in halves or HALVES:
         if _VERDICTS[base][half] is not None:
             raise UnsupportedModelError(_VERDICTS[base][half])
@@ -107,8 +110,9 @@ def _compare(base, what: str, engine, ref: torch.Tensor, mask: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def verdicts(model) -> dict[str, str | None]:
-    """Runs the comparison (uncached): {half: None if exact, else the refusal message}."""
+def verdicts(model) -> dict[str, str | None] | None:
+    """Runs the comparison (uncached): {half: None if exact, else the refusal message}; None (no verdict, checked
+    again on the next use) when the model's own forward is not finite on the sample (e.g. NaN weights)."""
     base = packing.causal_lm(model)
     prompt, ids, mask = _sample(base, packing.lm_head(base)[0])
     was_training = base.training
@@ -116,6 +120,8 @@ def verdicts(model) -> dict[str, str | None]:
     _CHECKING.add(base)
     try:
         ref = reference_logps(base, prompt, ids, mask)
+        if not bool(ref[mask.bool()].isfinite().all()):
+            return None
         train = lambda: packing.sequence_logps(model, [prompt], ids, mask, group_size=len(COMPLETIONS))  # noqa: E731
         roll = lambda: rollout.rollout_logps(model, [prompt], ids, len(COMPLETIONS))  # noqa: E731
         return {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import checks, chunked, reference
+from . import checks, chunked, inplace, reference
 from .backend import use_triton
 
 
@@ -78,7 +78,8 @@ def grpo_loss(
         completion_ids: (B, T) int; completion_mask: (B, T) {0, 1}.
         advantages: (B,), or `rewards` (B,) with `group_size` (and `scale_rewards`) to compute them.
         old_logps, ref_logps: (B, T) log-probs of the sampling and the reference policy.
-        inplace_backward: write dlogits into the logits buffer (the logits are then overwritten).
+        inplace_backward: write dlogits into the logits buffer (a non-leaf, e.g. the model's output), which
+            the call consumes: another differentiable use of the logits, before or after, raises in backward.
     Returns:
         (loss, metrics): a scalar, and detached scalars kl, entropy, clip_ratio_low/high/region,
         ratio_mean.
@@ -93,18 +94,26 @@ def grpo_loss(
         temperature=temperature, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
         max_completion_length=max_completion_length,
     )  # fmt: skip
-    options = dict(
-        old_logps=old_logps,
-        ref_logps=ref_logps,
-        beta=beta,
-        epsilon=epsilon,
-        epsilon_high=epsilon_high,
-        delta=delta,
-        loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length,
+    if inplace_backward:
+        inplace.check(logits)
+    version = logits._version
+    loss, metrics = _grpo_loss(
+        logits, completion_ids, completion_mask, advantages, rewards, group_size, scale_rewards, temperature,
+        inplace_backward, old_logps=old_logps, ref_logps=ref_logps, beta=beta, epsilon=epsilon,
+        epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch,
-    )
+    )  # fmt: skip
+    if inplace_backward and logits._version == version:  # the path wrote into a copy (a layout it could not view)
+        inplace.consume(logits)  # the caller's buffer is consumed all the same: one behaviour on every path
+    return loss, metrics
+
+
+def _grpo_loss(
+    logits, completion_ids, completion_mask, advantages, rewards, group_size, scale_rewards, temperature,
+    inplace_backward, **options,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """The validated grpo_loss on the Triton kernel or the chunked torch path."""
     if use_triton(logits) and logits.dtype != torch.float64:
         from grpo_fast.kernels.grpo_loss import grpo_loss as kernel
 

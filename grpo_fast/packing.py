@@ -45,6 +45,8 @@ def decoder_stack(model):
 
 def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM head's (V, H) weight and (V,) bias or None."""
+    if not hasattr(causal_lm(model), "get_output_embeddings"):
+        raise TypeError(f"model must be a transformers causal LM (or a peft model of one), got {type(model).__name__}")
     head = causal_lm(model).get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(f"model ({type(model).__name__}) has no linear output embedding (LM head)")
@@ -89,6 +91,7 @@ def check_completions(completion_ids, completion_mask, rows: int, vocab_size: in
     checks.same_device("completion_ids", completion_ids, ("completion_mask", completion_mask))
     if completion_ids.device != device:
         raise ValueError(f"completion_ids is on {completion_ids.device} but the model is on {device}")
+    checks.binary_mask(completion_mask, "completion_mask")  # before .long(), which would truncate 0.5 to 0
     mask = completion_mask.long()
     if not bool(((mask == 0) | (mask == 1)).all()) or not bool((mask[:, 1:] <= mask[:, :-1]).all()):
         raise ValueError("completion_mask must hold 1s then 0s in each row (1 up to and including EOS)")
@@ -208,7 +211,10 @@ def _packed_hidden(model, prompts, completion_ids, completion_mask, group_size, 
 
     check_model(model, "training")  # once per model: the packed forward must equal the model's own forward
     packed = pack(prompts, completion_ids, lengths, group_size, shared_prefix)
-    hidden = _decoder_hidden(causal_lm(model), packed, resolve_backend(attention, weight.device))
+    backend = resolve_backend(attention, weight.device)
+    if backend == "flex" and weight.device.type != "cuda" and torch.is_grad_enabled():
+        raise ValueError("attention='flex' needs CUDA here: FlexAttention has no CPU backward; use 'auto' or 'sdpa'")
+    hidden = _decoder_hidden(causal_lm(model), packed, backend)
     return hidden.reshape(-1, hidden.shape[-1]), packed, lengths
 
 

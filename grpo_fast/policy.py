@@ -17,13 +17,28 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _check_model_dir(path: Path, name: str) -> None:
+    """A local model directory holds a config and a tokenizer (save_pretrained of both): say which is missing."""
+    if not path.is_dir():
+        raise ValueError(f"model: no such local directory {name!r}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model: {name!r} has no config.json: not a directory written by save_pretrained")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"model: {name!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer there"
+        )
+
+
 def load_tokenizer(name: str):
     if not name:
         return tiny.build_tokenizer()
     from transformers import AutoTokenizer
 
-    if _looks_local(name) and not Path(name).expanduser().is_dir():
-        raise ValueError(f"model: no such local directory {name!r}")
+    if _looks_local(name):
+        _check_model_dir(Path(name).expanduser(), name)
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:
@@ -90,17 +105,43 @@ def max_positions(model) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def check_positions(model, max_prompt_length: int, max_new_tokens: int) -> None:
+    limit = max_positions(model)
+    if limit is not None and max_prompt_length + max_new_tokens > limit:
+        raise ValueError(
+            f"max_prompt_length + max_new_tokens = {max_prompt_length + max_new_tokens} exceeds the "
+            f"model's {limit} positions; lower max_prompt_length or max_new_tokens"
+        )
+
+
+def chat_messages(prompt) -> list[dict]:
+    """The prompt as chat messages: a string is one user message; a list must hold dicts with `role` and
+    `content` strings. Anything else is refused: a chat template would render None as "None" and a message
+    without `content` as an empty turn, silently training on other text."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    ok = lambda m: isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)  # noqa: E731
+    if isinstance(prompt, list) and prompt and all(ok(m) for m in prompt):
+        return list(prompt)
+    text = repr(prompt) if len(repr(prompt)) <= 80 else repr(prompt)[:77] + "..."
+    raise ValueError(
+        f"prompt must be a string or a non-empty list of {{'role': str, 'content': str}} messages, got {text}"
+    )
+
+
 def encode_prompt(tokenizer, prompt, system_prompt: str | None, max_length: int) -> list[int]:
-    """Token ids of one prompt (text or chat messages), chat template applied when the tokenizer has
-    one; longer prompts keep their last `max_length` tokens."""
+    """Token ids of one prompt (text or chat messages, see chat_messages), chat template applied when the
+    tokenizer has one; longer prompts keep their last `max_length` tokens."""
+    messages = chat_messages(prompt)
     if getattr(tokenizer, "chat_template", None):
-        messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
-        if system_prompt and messages[0].get("role") != "system":
+        if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False).input_ids
     else:
-        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+        if system_prompt:
+            raise ValueError("system_prompt needs a tokenizer with a chat template; this one has none")
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages)
         ids = tokenizer(text).input_ids
     if not ids:
         raise ValueError(f"prompt encodes to no tokens: {prompt!r}")

@@ -15,15 +15,20 @@ SCALE_REWARDS = ("group", "batch", "none")
 
 
 def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log_softmax(logits / temperature)[ids]; logits (..., V), ids (...) -> (...) in logits' dtype."""
-    logp = torch.log_softmax(logits / temperature, dim=-1)  # (..., V)
-    return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    """log_softmax(logits / temperature)[ids]; logits (..., V), ids (...) -> (...) in logits' dtype.
+
+    A row holding NaN or +inf gets NaN (softmax is undefined there; torch would give -inf off the +inf column),
+    as on every fast path."""
+    x = logits / temperature
+    logp = torch.log_softmax(x, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return logp + torch.where(torch.isposinf(x).any(-1), float("nan"), 0.0)  # additive: the gradient still flows
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) over the last axis: (..., V) -> (...)."""
     logp = torch.log_softmax(logits / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, 0.0)).sum(-1)  # a -inf logit adds 0 (0 * log 0), not NaN
 
 
 def group_advantages(
@@ -46,7 +51,11 @@ def group_advantages(
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return torch.where(mask != 0, x, 0.0).sum() / mask.sum().clamp(min=1.0)  # where: 0 * NaN would be NaN
+
+
+def _active(x: torch.Tensor | None, active: torch.Tensor) -> torch.Tensor | None:
+    return None if x is None else torch.where(active, x, 0.0)
 
 
 def reduce_loss(
@@ -58,9 +67,10 @@ def reduce_loss(
 ) -> torch.Tensor:
     """Reduce a (B, T) per-token loss to a scalar by `loss_type` (DESIGN.md)."""
     B, T = per_token_loss.shape
-    total = (per_token_loss * mask).sum()
+    masked = torch.where(mask != 0, per_token_loss, 0.0)  # masked values never count, even NaN or inf
+    total = masked.sum()
     if loss_type == "grpo":
-        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     if loss_type == "bnpo":
         return total / mask.sum().clamp(min=1.0)
     if loss_type == "dr_grpo":
@@ -93,7 +103,12 @@ def grpo_loss_from_logps(
     """
     eps_low, eps_high = epsilon, epsilon if epsilon_high is None else epsilon_high
     mask = completion_mask.to(logps.dtype)
-    old = logps.detach() if old_logps is None else old_logps
+    # Masked positions may hold garbage (NaN/inf from padding): zero them first, through `where`, so that no
+    # NaN reaches the loss, the metrics or (through exp's backward: 0 * NaN) the gradient.
+    active = completion_mask != 0
+    logps, entropy = _active(logps, active), _active(entropy, active)
+    old = logps.detach() if old_logps is None else _active(old_logps, active)
+    ref_logps = _active(ref_logps, active)
     log_ratio = logps - old  # (B, T)
     if importance_sampling_level == "sequence":
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
@@ -147,6 +162,7 @@ def grpo_loss(
     """Reference GRPO loss over materialized logits (B, T, V); keywords as `grpo_fast.grpo_loss`."""
     if advantages is None:
         advantages = group_advantages(rewards.to(logits.dtype), group_size, scale_rewards)
+    logits = torch.where(completion_mask.unsqueeze(-1) != 0, logits, 0.0)  # padding rows may hold NaN/inf garbage
     logps = selective_log_softmax(logits, completion_ids, temperature)
     with torch.no_grad():
         entropy = entropy_from_logits(logits, temperature)

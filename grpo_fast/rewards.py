@@ -115,16 +115,25 @@ def call(name: str, fn: RewardFn, prompts, completions, completion_ids, columns:
     if not hasattr(values, "__len__") or len(values) != len(completions):
         n = len(values) if hasattr(values, "__len__") else type(values).__name__
         raise RewardError(f"reward function {name!r} returned {n} values for {len(completions)} completions")
-    out = []
-    for v in values:
-        if v is None:
-            out.append(float("nan"))
-            continue
-        v = float(v)
-        if not math.isfinite(v):
-            raise RewardError(f"reward function {name!r} returned a non-finite value {v} (use None for no score)")
-        out.append(v)
-    return out
+    return [_number(name, i, v) for i, v in enumerate(values)]
+
+
+def _number(name: str, i: int, v) -> float:
+    """One returned value as a float (NaN for None); RewardError naming the function, the index and the value."""
+    if v is None:
+        return float("nan")
+    try:
+        if isinstance(v, (str, bytes)):
+            raise TypeError
+        f = float(v)  # int, float, bool, numpy and 0-d / one-element tensor scalars
+    except (TypeError, ValueError, RuntimeError):
+        text = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+        raise RewardError(
+            f"reward function {name!r} returned {type(v).__name__} {text} at index {i}; expected a number or None"
+        ) from None
+    if not math.isfinite(f):
+        raise RewardError(f"reward function {name!r} returned a non-finite value {f} (use None for no score)")
+    return f
 
 
 def table(funcs: dict[str, RewardFn], prompts, completions, completion_ids, columns: dict) -> torch.Tensor:

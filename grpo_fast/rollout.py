@@ -109,13 +109,21 @@ def _decode_step(decoder, head, tokens, positions, state: CascadeState, step: in
     return _logits(out.last_hidden_state[:, -1], head)
 
 
+class NonFiniteLogits(ValueError):
+    """The model's next-token logits hold NaN or +inf (or are all -inf): nothing can be sampled."""
+
+
 def _decode(decoder, head, logits, positions, state, eos, pad, sampling) -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples up to state.max_new tokens per row. Returns tokens (N, T) (pad after EOS) and done-before (N, T)."""
+    """Samples up to state.max_new tokens per row. Returns tokens (N, T) (pad after EOS) and done-before (N, T).
+    Raises NonFiniteLogits at the end if any row's logits were not finite (checked on device, no sync per token)."""
     N, dev = logits.shape[0], logits.device
     eos_ids = torch.tensor(eos, dtype=torch.long, device=dev)
     done = torch.zeros(N, dtype=torch.bool, device=dev)
+    bad = torch.zeros(N, dtype=torch.bool, device=dev)
     tokens, was_done = [], []
     for t in range(state.max_new):
+        bad |= ~torch.isfinite(logits.amax(-1))  # amax is NaN for any NaN, +inf for any +inf, -inf if all are
+        logits = torch.where(bad.unsqueeze(1), 0.0, logits)  # keeps multinomial valid (a device assert on CUDA)
         tok = torch.where(done, pad, _sample(logits, *sampling))  # (N,)
         tokens.append(tok)
         was_done.append(done)
@@ -123,6 +131,11 @@ def _decode(decoder, head, logits, positions, state, eos, pad, sampling) -> tupl
         if t + 1 == state.max_new or ((t + 1) % _CHECK_EVERY == 0 and bool(done.all())):
             break
         logits = _decode_step(decoder, head, tok, positions + t, state, t)
+    if bool(bad.any()):
+        raise NonFiniteLogits(
+            f"generate_groups: the model's next-token logits are NaN or infinite for {int(bad.sum())} of {N} rows "
+            "(non-finite weights, or an overflow in the forward)"
+        )
     return torch.stack(tokens, 1), torch.stack(was_done, 1)
 
 

@@ -2,7 +2,7 @@
 
 With no arguments it trains the embedded tiny Llama (tiny.py) on the built-in "reverse" task, on a CPU
 in a few minutes. With `--model` (Hugging Face id or local path) and `--dataset` (HF id, local
-JSONL/Parquet, or a built-in task) it trains a real model, with LoRA by default.
+JSONL/JSON/CSV/Parquet, or a built-in task) it trains a real model, with LoRA by default.
 
 Each step: draw `prompts_per_step` prompts, sample `group_size` completions per prompt with the
 prompt's KV stored once (generate_groups), score them (rewards.py), compute group advantages, then
@@ -10,6 +10,8 @@ prompt's KV stored once (generate_groups), score them (rewards.py), compute grou
 loss is fused_linear_grpo_loss on shared-prefix packed hidden states (each prompt computed once per
 group, logits never materialized); old and reference log-probs come from no-grad fused passes.
 Output directory: metrics.jsonl, reward_curve.png, samples.jsonl, config.json, checkpoints/, final/.
+Bad input stops before the model loads (config.validate, dataset_rows, resume.plan) with exit status 2 and one
+line; SIGINT/SIGTERM stop at a step boundary with a checkpoint (interrupt.py); --resume is exact (resume.py).
 
 Under `torchrun --nproc_per_node N -m grpo_fast.train` it trains data-parallel (distributed.py): each rank
 samples and scores its contiguous share of the step's prompts (whole groups), advantages come from every
@@ -34,12 +36,14 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from . import checkpoint, config, data, distributed, guard, policy, rewards, run_log
+from . import checkpoint, config, data, dataset_rows, distributed, guard, interrupt, policy, resume, rewards, run_log
 from .fused_linear import fused_linear_grpo_loss, fused_linear_logps
 from .logit_head import logit_transform
 from .loss import group_advantages
 from .packing import completion_hidden_states, lm_head
-from .rollout import Rollout, generate_groups
+from .rollout import NonFiniteLogits, Rollout, generate_groups
+from .run_log import say
+from .schedule import make_optimizer
 
 # ---------------------------------------------------------------------------------------------- setup
 
@@ -56,60 +60,16 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(cfg: config.Config, model):
-    """AdamW on the trainable parameters; linear warmup then cosine to 0 over every update."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    total = cfg.max_steps * cfg.num_iterations
-    warmup = max(1, int(cfg.warmup_ratio * total))
-
-    def factor(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, total - warmup))))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def check_inputs(cfg, model, rows, funcs, weights) -> None:
-    """Bad input fails here, before any step: lengths, answer column, reward functions (dry run on
-    two prompts with empty completions, which a policy may produce)."""
-    limit = policy.max_positions(model)
-    if limit is not None and cfg.max_prompt_length + cfg.max_new_tokens > limit:
-        raise ValueError(
-            f"max_prompt_length + max_new_tokens = {cfg.max_prompt_length + cfg.max_new_tokens} exceeds the "
-            f"model's {limit} positions; lower max_prompt_length or max_new_tokens"
-        )
-    first = [rows[i] for i in range(min(2, len(rows)))]
-    if data.needs_answer(cfg.rewards) and cfg.answer_column not in first[0]:
-        raise ValueError(f"dataset has no answer column {cfg.answer_column!r}; columns: {list(first[0])}")
-    prompts = [r[cfg.prompt_column] for r in first]
-    rewards.score(funcs, weights, prompts, [""] * len(first), [[] for _ in first], columns_of(first, cfg))
-    guard.check_model(model)  # the engine must reproduce the model's own forward (training and rollouts)
-
-
-def columns_of(rows: list[dict], cfg) -> dict[str, list]:
-    """Dataset columns as keyword lists for the reward functions; the answer column also as `answer`."""
-    columns = {k: [r[k] for r in rows] for k in rows[0] if k != cfg.prompt_column}
-    if cfg.answer_column in columns and "answer" not in columns:
-        columns["answer"] = columns[cfg.answer_column]
-    return columns
-
-
 # -------------------------------------------------------------------------------------------- rollout
 
 
-def draw(rows, order: data.PromptOrder, position: int, cfg, tokenizer, device) -> tuple[list[dict], list, int]:
-    """This rank's rows for the step, their prompt ids [(Lp,) int64 on device] (unpadded) and the data
-    position of its first prompt."""
+def draw(rows, encoded, order: data.PromptOrder, position: int, cfg, device) -> tuple[list[dict], list, int]:
+    """This rank's rows for the step, their prompt ids [(Lp,) int64 on device] (unpadded, encoded up front) and
+    the data position of its first prompt."""
     rank, world_size = distributed.world()
     picked = shard(order.indices(position, cfg.prompts_per_step), rank, world_size)
-    batch = [rows[i] for i in picked]
-    enc = [
-        policy.encode_prompt(tokenizer, r[cfg.prompt_column], cfg.system_prompt, cfg.max_prompt_length) for r in batch
-    ]
-    first = position + rank * len(picked)
-    return batch, [torch.tensor(ids, dtype=torch.long, device=device) for ids in enc], first
+    ids = [torch.tensor(encoded[i], dtype=torch.long, device=device) for i in picked]
+    return [rows[i] for i in picked], ids, position + rank * len(picked)
 
 
 def concat(rolls: list[Rollout]) -> Rollout:
@@ -151,7 +111,8 @@ def score(cfg, tokenizer, batch: list[dict], roll, funcs, weights) -> tuple[torc
     completions = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
     rep = [r for r in batch for _ in range(G)]  # dataset rows repeated per sample
     prompts = [r[cfg.prompt_column] for r in rep]
-    local = rewards.table(funcs, prompts, completions, ids, columns_of(rep, cfg))  # (F, B*G), NaN = no score
+    columns = dataset_rows.reward_columns(rep, cfg)
+    local = rewards.table(funcs, prompts, completions, ids, columns)  # (F, B*G), NaN = no score
     per_row = torch.tensor([lengths, (~roll.finished).tolist()], dtype=torch.float32)  # (2, B*G)
     every = distributed.all_gather(torch.cat([local, per_row]), dim=1)  # (F + 2, N): all ranks' rows
     total, stats = rewards.combine(list(funcs), weights, every[:-2])
@@ -261,8 +222,13 @@ def accumulate(model, mbs: list[dict], cfg) -> tuple[torch.Tensor, dict]:
     return torch.tensor(summed[0]), dict(zip(keys, summed[1:]))
 
 
+class Diverged(ValueError):
+    """The policy's weights are no longer finite."""
+
+
 def update(model, optimizer, scheduler, mbs: list[dict], cfg) -> dict:
-    """One optimizer update; a non-finite loss or gradient is reported and not applied."""
+    """One optimizer update; a non-finite loss or gradient is reported and not applied, non-finite weights after
+    it raise Diverged."""
     params = [p for group in optimizer.param_groups for p in group["params"]]  # fsdp2: the sharded ones
     optimizer.zero_grad(set_to_none=True)
     loss, metrics = accumulate(model, mbs, cfg)
@@ -273,8 +239,10 @@ def update(model, optimizer, scheduler, mbs: list[dict], cfg) -> dict:
     applied = math.isfinite(float(loss)) and math.isfinite(grad_norm)
     if applied:
         optimizer.step()
+        if not distributed.all_finite(params):  # a finite gradient can still overflow the weights (huge LR, bf16)
+            raise Diverged("non-finite weights after the update")
     else:
-        tqdm.write(f"non-finite loss ({float(loss)}) or grad norm ({grad_norm}): update not applied")
+        say(f"non-finite loss ({float(loss)}) or grad norm ({grad_norm}): update not applied")
     optimizer.zero_grad(set_to_none=True)
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
@@ -298,6 +266,8 @@ def train_step(step, cfg, model, ref, optimizer, scheduler, batch, prompt_ids, f
     roll = sample(model, prompt_ids, cfg, tokenizer, gen, first)
     rollout_s = time.perf_counter() - t0
     r, stats, prompts, completions = score(cfg, tokenizer, batch, roll, funcs, weights)  # r: (N,) all ranks
+    for name in (n for n in funcs if math.isnan(stats[f"reward_{n}_mean"])):
+        say(f"warning: step {step + 1}: reward {name!r} scored no sample (it returned None for every one)")
     t1 = time.perf_counter()
     n = roll.completion_ids.shape[0]
     mine = slice(distributed.world()[0] * n, (distributed.world()[0] + 1) * n)  # this rank's rows of r
@@ -313,34 +283,42 @@ def train_step(step, cfg, model, ref, optimizer, scheduler, batch, prompt_ids, f
     return row, prompts, completions, r[mine].tolist()
 
 
-def start(cfg, out: Path, model, optimizer, scheduler, gen) -> tuple[int, int]:
-    """(step, data position) to start from: the latest checkpoint's with --resume (its RNG, optimizer and
-    weights restored), else 0 on a fresh output directory."""
-    last, main = checkpoint.latest(out / "checkpoints"), distributed.is_main()
-    if last is not None and cfg.resume:  # every rank loads; rank 0 alone touches the logs
-        state = checkpoint.load(last, model, optimizer, scheduler, gen, sharded=isinstance(model, distributed.Runner))
-        if main:
-            run_log.truncate_metrics(out / "metrics.jsonl", state["step"])
-            tqdm.write(f"resumed from {last} (step {state['step']})")
-        return state["step"], state["data_position"]
-    if last is not None:
-        raise ValueError(f"output_dir {out} already has checkpoints: pass --resume, or choose another --output-dir")
-    for stale in ("metrics.jsonl", "samples.jsonl") if main else ():
-        (out / stale).unlink(missing_ok=True)
-    return 0, 0
-
-
 def save_final(model, tokenizer, out: Path) -> None:
     """final/: the policy in transformers (or peft adapter) format, written by rank 0."""
     state = distributed.full_state_dict(model) if isinstance(model, distributed.Runner) else None  # collective
     if distributed.is_main():
-        distributed.unwrap(model).save_pretrained(out / "final", **({"state_dict": state} if state else {}))
-        tokenizer.save_pretrained(out / "final")
+        with run_log.writing(out / "final"):
+            distributed.unwrap(model).save_pretrained(out / "final", **({"state_dict": state} if state else {}))
+            tokenizer.save_pretrained(out / "final")
     distributed.barrier()
 
 
+def save(cfg, ckpt_dir: Path, done: int, model, optimizer, scheduler, gen, position: int) -> None:
+    """checkpoint-<done>; trainer_state.json also holds the run's config (checked on --resume)."""
+    state, sharded = {"data_position": position, "config": config.to_dict(cfg)}, isinstance(model, distributed.Runner)
+    checkpoint.save(ckpt_dir, done, model, optimizer, scheduler, gen, state, cfg.keep_checkpoints, sharded)
+
+
+def setup(cfg: config.Config, out: Path):
+    """Everything that can fail without a model, in order of cost: the output directory, the tokenizer, every
+    dataset row (checked and encoded), the reward functions (dry run), the checkpoint to resume from."""
+    if distributed.is_main():
+        run_log.prepare(out)
+    tokenizer = policy.load_tokenizer(cfg.model)
+    rows = data.load(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.prompt_column, cfg.answer_column)
+    encoded = dataset_rows.encode(rows, cfg, tokenizer)
+    dataset_rows.check_answers(rows, cfg)
+    funcs = {name: rewards.resolve(name, cfg.max_new_tokens) for name in cfg.rewards}
+    weights = cfg.reward_weights or [1.0] * len(funcs)
+    dataset_rows.dry_run(funcs, weights, rows, cfg)
+    return tokenizer, rows, encoded, funcs, weights, resume.plan(cfg, out)
+
+
+@interrupt.catching
 def run(cfg: config.Config) -> list[dict]:
-    """Trains according to `cfg`; returns the metrics rows written to metrics.jsonl by this call."""
+    """Trains according to `cfg`; returns the metrics rows written by this call. Bad input is a ValueError (before
+    step 1 wherever possible); a signal ends the run with interrupt.Stopped after a checkpoint of the last step."""
+    cfg = config.validate(cfg)
     out, world_size = Path(cfg.output_dir), distributed.world()[1]
     if cfg.prompts_per_step % world_size:
         raise ValueError(
@@ -349,34 +327,41 @@ def run(cfg: config.Config) -> list[dict]:
         )
     device = distributed.device()
     distributed.init(device)  # torchrun: nccl on CUDA, gloo on CPU; a missing backend fails here
-    out.mkdir(parents=True, exist_ok=True)
     seed_all(cfg.seed)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    tokenizer = policy.load_tokenizer(cfg.model)
-    rows = data.load(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.prompt_column, cfg.answer_column)
-    funcs = {name: rewards.resolve(name, cfg.max_new_tokens) for name in cfg.rewards}
-    weights = cfg.reward_weights or [1.0] * len(funcs)
+    tokenizer, rows, encoded, funcs, weights, candidates = setup(cfg, out)
     model, ref = policy.load_policy(cfg, tokenizer, device)
     transformers.utils.logging.disable_progress_bar()  # checkpoint writes would break the run's own bar
-    check_inputs(cfg, model, rows, funcs, weights)
+    policy.check_positions(model, cfg.max_prompt_length, cfg.max_new_tokens)
+    guard.check_model(model)  # the engine must reproduce the model's own forward (training and rollouts)
     model, ref = distributed.parallelize(model, ref, cfg.parallel)
     optimizer, scheduler = make_optimizer(cfg, model)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     order = data.PromptOrder(len(rows), cfg.seed)
     ckpt_dir, metrics_path = out / "checkpoints", out / "metrics.jsonl"
-    step, position = start(cfg, out, model, optimizer, scheduler, gen)
-    main, sharded = distributed.is_main(), isinstance(model, distributed.Runner)
+    step, position = resume.start(cfg, out, candidates, model, optimizer, scheduler, gen)
+    main, saved = distributed.is_main(), step  # saved: the last step with a checkpoint (0: none)
     if main:
-        (out / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2))
+        run_log.write_text(out / "config.json", json.dumps(config.to_dict(cfg), indent=2))
     written, show = [], cfg.progress and main
     bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=not show, desc="grpo")
+    signals = interrupt.signals()
     for step in bar:
-        batch, prompt_ids, first = draw(rows, order, position, cfg, tokenizer, device)
+        if signals.stop():  # at a step boundary: checkpoint the last completed step, then stop
+            if step > saved:
+                save(cfg, ckpt_dir, step, model, optimizer, scheduler, gen, position)
+            where = checkpoint.latest(ckpt_dir)
+            raise signals.stopped(f"stopped after step {step}; checkpoint: {where or 'none (no step completed)'}")
+        batch, prompt_ids, first = draw(rows, encoded, order, position, cfg, device)
         position += cfg.prompts_per_step
-        row, prompts, completions, r = train_step(
-            step, cfg, model, ref, optimizer, scheduler, batch, prompt_ids, first, funcs, weights, tokenizer, gen
-        )
+        try:
+            row, prompts, completions, r = train_step(
+                step, cfg, model, ref, optimizer, scheduler, batch, prompt_ids, first, funcs, weights, tokenizer, gen
+            )  # fmt: skip
+        except (Diverged, NonFiniteLogits) as e:  # nothing of this step is written
+            last = checkpoint.latest(ckpt_dir) or "none"
+            raise ValueError(f"training diverged at step {step + 1}: {e}; last checkpoint (finite): {last}") from None
         written.append(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         done = step + 1
@@ -384,20 +369,28 @@ def run(cfg: config.Config) -> list[dict]:
             run_log.append_jsonl(metrics_path, row)
             if cfg.log_samples_steps and (done % cfg.log_samples_steps == 0 or done == 1):
                 run_log.append_jsonl(out / "samples.jsonl", run_log.samples(done, prompts, completions, r))
-            if (cfg.plot_steps and done % cfg.plot_steps == 0) or done == cfg.max_steps:
-                run_log.plot_rewards(metrics_path, out / "reward_curve.png")
         if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
-            state = {"data_position": position}
-            checkpoint.save(ckpt_dir, done, model, optimizer, scheduler, gen, state, cfg.keep_checkpoints, sharded)
+            save(cfg, ckpt_dir, done, model, optimizer, scheduler, gen, position)
+            saved = done
+        if main and ((cfg.plot_steps and done % cfg.plot_steps == 0) or done == cfg.max_steps):
+            run_log.try_plot(metrics_path, out / "reward_curve.png")  # after the checkpoint: never in its way
     save_final(model, tokenizer, out)
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 when training completed; 2 and one line `error: ...` for bad input; 130/143 after a signal."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rank, world_size = distributed.world()
     try:
         run(config.parse(argv))
+    except SystemExit as e:  # argparse: --help (0), or a usage error it has printed (2)
+        return e.code if isinstance(e.code, int) else 2
+    except interrupt.Stopped as e:
+        if rank == 0:
+            print(f"{e.message}\nresume with: {interrupt.resume_command(argv)}", file=sys.stderr)
+        return e.code
     except ValueError as e:  # bad input (including reward errors): one clear line, no traceback
-        rank, world_size = distributed.world()
         print(f"error{f' (rank {rank})' if world_size > 1 else ''}: {e}", file=sys.stderr)
         return 2
     finally:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_fast import reference
+from grpo_fast import inplace, reference
 
 from .selective_log_softmax import (
     SelectiveLogSoftmax,
@@ -71,18 +71,21 @@ def _grpo_terms(
     HAS_REF: tl.constexpr, USE_BETA: tl.constexpr, HAS_DELTA: tl.constexpr,
 ):  # fmt: skip
     """One token's (loss, d loss / d logp, ratio, kl, clip code = low + 2 * high), as the reference:
-    coef_2 clamps the ratio before delta caps coef_1; torch.min's tie splits its gradient in halves."""
+    coef_2 clamps the ratio before delta caps coef_1; torch.min's tie splits its gradient in halves.
+    min/max propagate NaN as torch's do (the default drops it: -min(NaN, t2) would give a finite -t2)."""
     c1_raw = tl.exp(logp - old)
-    c2 = tl.minimum(tl.maximum(c1_raw, clip_low), clip_high)
-    d2 = tl.where((c1_raw >= clip_low) & (c1_raw <= clip_high), c1_raw, 0.0)  # d coef_2 / d logp
+    c2 = tl.minimum(
+        tl.maximum(c1_raw, clip_low, propagate_nan=tl.PropagateNan.ALL), clip_high, propagate_nan=tl.PropagateNan.ALL
+    )
+    d2 = tl.where((c1_raw < clip_low) | (c1_raw > clip_high), 0.0, c1_raw)  # d coef_2 / d logp (NaN stays NaN)
     c1 = c1_raw
     d1 = c1_raw
     if HAS_DELTA:
-        c1 = tl.minimum(c1_raw, delta)
-        d1 = tl.where(c1_raw <= delta, c1_raw, 0.0)
+        c1 = tl.minimum(c1_raw, delta, propagate_nan=tl.PropagateNan.ALL)
+        d1 = tl.where(c1_raw > delta, 0.0, c1_raw)
     t1 = c1 * adv
     t2 = c2 * adv
-    loss = -tl.minimum(t1, t2)
+    loss = -tl.minimum(t1, t2, propagate_nan=tl.PropagateNan.ALL)
     dlogp = -adv * tl.where(t1 < t2, d1, tl.where(t2 < t1, d2, 0.5 * (d1 + d2)))
     kl = tl.zeros_like(logp)  # a tensor, not a constexpr, in the returned tuple
     if HAS_REF:
@@ -234,13 +237,17 @@ class _GRPOTokenLoss(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, batch: _Batch, opts: _Options):
         dlogits = logits if opts.inplace_backward else torch.empty_like(logits)  # (B, T, V): the only N*V
         loss, metrics = _loss_and_metrics(_launch(logits, batch, opts, dlogits), batch, opts)
-        ctx.save_for_backward(dlogits)
+        if opts.inplace_backward:
+            inplace.hold(ctx, dlogits)  # the caller marks the logits consumed (inplace.consume)
+        else:
+            ctx.save_for_backward(dlogits)
+        ctx.inplace = opts.inplace_backward
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_metrics):
-        (dlogits,) = ctx.saved_tensors
+        dlogits = inplace.held(ctx) if ctx.inplace else ctx.saved_tensors[0]
         # 1 for a plain loss.backward(): no N*V pass (one host sync). Scaled in place: a second backward
         # through the same graph (retain_graph) would scale again.
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
@@ -252,7 +259,10 @@ def _sequence_level(logits: torch.Tensor, batch: _Batch, opts: _Options, advanta
     """GSPO: pass 1 = logp and entropy per token, the O(N) terms in torch, pass 2 = the backward kernel."""
     B, T, V = logits.shape
     ids1d = batch.ids.reshape(-1)
-    logp, ent = SelectiveLogSoftmax.apply(rows_2d(logits), ids1d, opts.temperature, True, opts.inplace_backward)
+    logits2d = rows_2d(logits)
+    logp, ent = SelectiveLogSoftmax.apply(logits2d, ids1d, opts.temperature, True, opts.inplace_backward)
+    if opts.inplace_backward:
+        inplace.consume(logits2d)  # its backward writes dlogits there
     return reference.grpo_loss_from_logps(
         logp.view(B, T), batch.mask, advantages, entropy=ent.view(B, T), importance_sampling_level="sequence", **terms
     )
@@ -288,7 +298,8 @@ def grpo_loss(
         advantages: (B,), or rewards (B,) with group_size and scale_rewards ("group" | "batch" | "none").
         old_logps, ref_logps: (B, T) float or None.
         inplace_backward: dlogits are written into the logits buffer, at token level already during the
-            forward: the logits are overwritten and must not be used afterwards.
+            forward: the logits are consumed. Autograd sees the write (grpo_fast.inplace), so another use of
+            them, saved before the call or made after it, raises in backward instead of reading gradients.
     Returns:
         (loss, metrics): a differentiable fp32 scalar, and detached fp32 scalars named in METRICS.
     """
@@ -309,6 +320,8 @@ def grpo_loss(
         return _sequence_level(logits, batch, opts, adv.float(), num_items_in_batch=num_items_in_batch, **terms)
     if torch.is_grad_enabled() and logits.requires_grad:
         loss, metrics = _GRPOTokenLoss.apply(logits, batch, opts)
+        if inplace_backward:
+            inplace.consume(logits)  # dlogits are in the buffer already: autograd must see the write
     else:  # forward only (evaluation, old/ref passes): loop 2 compiles away
         loss, metrics = _loss_and_metrics(_launch(logits, batch, opts, None), batch, opts)
     return loss, dict(zip(METRICS, metrics.detach().unbind()))

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from grpo_fast import inplace
 from grpo_fast.backend import interpreted
 
 from .logit_transform import head_constants, tanh_and_slope
@@ -38,7 +39,9 @@ def _row_logsumexp(row_ptr, V, inv_temp, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl
         if WITH_ENTROPY:
             u = u * alpha + tl.sum(e * tl.where(e > 0.0, x, 0.0), axis=0)  # no 0 * -inf on padded lanes
         m = m_new
-    s = tl.maximum(s, 1.0)  # s >= 1 whenever a column was read (the max adds exp(0)); 1 keeps skipped rows quiet
+    # s >= 1 whenever a column was read (the max adds exp(0)); 1 keeps skipped rows quiet. A NaN or +inf logit
+    # makes s NaN (exp(inf - inf)), which must survive: the default maximum would return 1 and a finite lse.
+    s = tl.maximum(s, 1.0, propagate_nan=tl.PropagateNan.ALL)
     return m + tl.log(s), u / s
 
 
@@ -191,14 +194,19 @@ class SelectiveLogSoftmax(torch.autograd.Function):
     def forward(ctx, logits2d, ids1d, temperature: float, with_entropy: bool, inplace_backward: bool):
         logp, lse, ent = forward_rows(logits2d, ids1d, temperature, with_entropy)
         ent = ent if with_entropy else logp.new_empty(0)
-        ctx.save_for_backward(logits2d, ids1d, lse)  # O(N) saved besides the logits themselves
+        if inplace_backward:  # backward writes dlogits into the buffer; the caller marks it consumed
+            inplace.hold(ctx, logits2d)
+            ctx.save_for_backward(ids1d, lse)
+        else:
+            ctx.save_for_backward(ids1d, lse, logits2d)  # O(N) saved besides the logits themselves
         ctx.temperature, ctx.inplace = temperature, inplace_backward
         ctx.mark_non_differentiable(ent)
         return logp, ent
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_ent):
-        logits2d, ids1d, lse = ctx.saved_tensors
+        ids1d, lse, *rest = ctx.saved_tensors
+        logits2d = inplace.held(ctx) if ctx.inplace else rest[0]
         dlogits = backward_rows(grad_logp.float(), logits2d, ids1d, lse, ctx.temperature, ctx.inplace)
         return dlogits, None, None, None, None
 

@@ -221,16 +221,17 @@ def test_rewards_path_equals_advantages_path(path, level, scale_rewards, monkeyp
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("level", LEVELS)
 def test_inplace_backward(path, level, monkeypatch, device):
-    """Same gradient; the logits buffer itself now holds it."""
+    """Same gradient; the logits buffer (a non-leaf, as a model's output) itself now holds it."""
     use_path(path, monkeypatch, device)
     case = make_case(B=4, T=3, dtype=torch.bfloat16, device=device)
     kw = inputs(case, beta=0.04, importance_sampling_level=level)
     _, _, grad = run(grpo_fast.grpo_loss, case.logits, case, **kw)
     x = case.logits.clone().requires_grad_()
-    loss, _ = grpo_fast.grpo_loss(x, case.ids, case.mask, inplace_backward=True, **kw)
+    y = x * 1
+    loss, _ = grpo_fast.grpo_loss(y, case.ids, case.mask, inplace_backward=True, **kw)
     loss.backward()
     torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
-    torch.testing.assert_close(x.detach(), grad, rtol=0, atol=0)
+    torch.testing.assert_close(y.detach(), grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -91,3 +91,20 @@ def test_trainer_refuses_before_step_one(tmp_path, monkeypatch, capsys, trainer_
     assert len(err.splitlines()) == 1 and err.startswith("error: LlamaForCausalLM"), err
     assert "differ from the model's own forward by" in err
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_non_finite_model_gets_no_verdict_until_it_is_finite(tmp_path, counted):
+    """NaN weights make the model's own forward NaN: nothing to compare, so the guard neither refuses nor caches;
+    the engine's output is NaN like the model's (test_paths_agree), and a later use with finite weights is checked."""
+    model = tiny(LlamaConfig(**SMALL), tmp_path).eval()
+    prompts, ids, mask = inputs()
+    weight = model.lm_head.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[5, 0] = float("nan")
+        assert torch.isnan(sequence_logps(model, prompts, ids, mask, group_size=G)).all()
+        weight.copy_(saved)
+        scale_logits(model, 1.5)  # now finite, and not reproduced: refused at the next use
+    with pytest.raises(UnsupportedModelError, match="differ from the model's own forward"):
+        sequence_logps(model, prompts, ids, mask, group_size=G)
+    assert len(counted) == 2

@@ -8,7 +8,7 @@ import torch
 from test_grpo_loss import PATHS, use_path
 
 import grpo_fast
-from grpo_fast import reference
+from grpo_fast import inplace, reference
 
 SHAPES = [(13, 37), (2, 3, 101), (50,), (2, 1, 4, 16)]  # leading dims x V: odd, prime, 1-D, size-1 dims
 
@@ -69,8 +69,9 @@ def test_kernel_entropy_and_inplace(dtype, monkeypatch, device):
     logp, ent = SelectiveLogSoftmax.apply(x, ids, 0.8, True, False)
     torch.testing.assert_close(ent.double(), reference.entropy_from_logits(logits.double(), 0.8), rtol=0, atol=1e-5)
     logp.sum().backward()
-    buffer = logits.clone()
-    logp2, _ = SelectiveLogSoftmax.apply(buffer.requires_grad_(), ids, 0.8, False, True)
+    buffer = logits.clone().requires_grad_() * 1  # a non-leaf, as a model's output
+    logp2, _ = SelectiveLogSoftmax.apply(buffer, ids, 0.8, False, True)
+    inplace.consume(buffer)  # the contract of an in-place backward: its caller tells autograd
     logp2.sum().backward()
     torch.testing.assert_close(logp2, logp, rtol=0, atol=0)
     torch.testing.assert_close(buffer.detach(), x.grad, rtol=0, atol=0)
