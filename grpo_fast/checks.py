@@ -9,7 +9,9 @@ import math
 
 import torch
 
-from .reference import IMPORTANCE_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from .reference import IMPORTANCE_LEVELS, SCALE_REWARDS
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # the fused ops' until they compute TRL's other four
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -16,7 +16,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .reference import IMPORTANCE_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from .reference import IMPORTANCE_LEVELS, SCALE_REWARDS
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # what train.accumulate normalizes today; TRL's others: issue 11
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
