@@ -347,7 +347,8 @@ def _entropy_terms(entropy, active, opts: LossOptions, entropy_gather):
     if opts.top_entropy_quantile >= 1.0:
         return None, active, {}
     keep, threshold = high_entropy_mask(entropy, active, opts.top_entropy_quantile, entropy_gather)
-    stats = {"entropy_threshold": threshold, "entropy_mask_ratio": keep.sum() / active.sum().clamp(min=1)}
+    ratio = keep.sum().to(entropy.dtype) / active.sum().clamp(min=1)
+    stats = {"entropy_threshold": threshold.to(entropy.dtype), "entropy_mask_ratio": ratio}  # fp32 -> fp64 exact
     return keep, keep, stats
 
 

@@ -53,22 +53,28 @@ def _round_to_bf16(x, ROUND: tl.constexpr):
 
 @triton.jit
 def _row_softmax_grad(
-    dst_ptr, row_ptr, target, g, lse, inv_temp, V, BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr
+    dst_ptr, row_ptr, target, g, g_ent, ent, lse, inv_temp, V,
+    BLOCK_V: tl.constexpr, ENT_GRAD: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
-    """dst[:V] = g * (onehot(target) - exp(row / T - lse)) / T. A row with g == 0 is not read, only zeroed.
-
-    dst_ptr may equal row_ptr (in place): each block is loaded before it is overwritten.
-    """
+    """dst[:V] = (g * (onehot(target) - p) - g_ent * p * (log p + ent)) / T with p = softmax(row / T):
+    the gradient of g * logp + g_ent * entropy (dH/dx_j = -p_j (log p_j + H)); g_ent only when ENT_GRAD.
+    A row whose gradients are both 0 is not read, only zeroed. dst_ptr may equal row_ptr (in place): each
+    block is loaded before it is overwritten."""
     live = g != 0.0
+    if ENT_GRAD:
+        live = live | (g_ent != 0.0)
     n_read = tl.where(live, V, 0)
-    scale = g * inv_temp
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         idx = start + cols
         valid = idx < V
         x = tl.load(row_ptr + idx, mask=idx < n_read, other=0.0).to(tl.float32)  # (BLOCK_V,)
-        p = tl.exp(x * inv_temp - lse)
-        d = tl.where(live, scale * (tl.where(idx == target, 1.0, 0.0) - p), 0.0)
+        log_p = x * inv_temp - lse
+        p = tl.exp(log_p)
+        d = g * (tl.where(idx == target, 1.0, 0.0) - p)
+        if ENT_GRAD:
+            d -= g_ent * tl.where(p > 0.0, p * (log_p + ent), 0.0)  # a -inf logit has p = 0: no 0 * -inf
+        d = tl.where(live, d * inv_temp, 0.0)
         tl.store(dst_ptr + idx, _round_to_bf16(d, ROUND_BF16).to(dst_ptr.dtype.element_ty), mask=valid)
 
 
@@ -100,22 +106,32 @@ def _fwd_kernel(
 def _bwd_kernel(
     dlogits_ptr,
     grad_ptr,
+    grad_ent_ptr,
     logits_ptr,
     ids_ptr,
     lse_ptr,
+    ent_ptr,
     inv_temp,
     stride_n,
     stride_dn,
     V,
     BLOCK_V: tl.constexpr,
+    ENT_GRAD: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(grad_ptr + row).to(tl.float32)
     target = tl.load(ids_ptr + row)
     lse = tl.load(lse_ptr + row)
+    g_ent = 0.0
+    ent = 0.0
+    if ENT_GRAD:
+        g_ent = tl.load(grad_ent_ptr + row).to(tl.float32)
+        ent = tl.load(ent_ptr + row)
     dst_ptr = dlogits_ptr + row * stride_dn
-    _row_softmax_grad(dst_ptr, logits_ptr + row * stride_n, target, g, lse, inv_temp, V, BLOCK_V, ROUND_BF16)
+    _row_softmax_grad(
+        dst_ptr, logits_ptr + row * stride_n, target, g, g_ent, ent, lse, inv_temp, V, BLOCK_V, ENT_GRAD, ROUND_BF16
+    )
 
 
 def launch_config(V: int) -> tuple[int, int]:
@@ -153,36 +169,48 @@ def forward_rows(logits2d: torch.Tensor, ids1d: torch.Tensor, temperature: float
     return logp, lse, ent if with_entropy else None
 
 
-def backward_rows(grad_logp, logits2d, ids1d, lse, temperature: float, inplace: bool) -> torch.Tensor:
-    """dlogits (N, V) in the logits' dtype; into the logits buffer itself when `inplace`."""
+def backward_rows(
+    grad_logp, logits2d, ids1d, lse, temperature: float, inplace: bool, grad_ent=None, ent=None
+) -> torch.Tensor:
+    """dlogits (N, V) in the logits' dtype of sum(grad_logp * logp + grad_ent * entropy) (grad_ent and the
+    forward's entropy `ent` (N,) fp32 only when the entropy is differentiated); into the logits buffer when
+    `inplace`."""
     N, V = logits2d.shape
     dlogits = logits2d if inplace else torch.empty_like(logits2d)  # the only N*V allocation
     grad = grad_logp.reshape(-1).contiguous()
+    ent_grad = grad_ent is not None
+    if ent_grad:
+        grad_ent, ent = grad_ent.reshape(-1).float().contiguous(), ent.contiguous()
     if N:
         block, warps = launch_config(V)
         _bwd_kernel[(N,)](
-            dlogits, grad, logits2d, ids1d, lse, 1.0 / temperature, logits2d.stride(0), dlogits.stride(0), V,
-            BLOCK_V=block, ROUND_BF16=round_bf16(dlogits), num_warps=warps,
+            dlogits, grad, grad_ent if ent_grad else grad, logits2d, ids1d, lse, ent if ent_grad else lse,
+            1.0 / temperature, logits2d.stride(0), dlogits.stride(0), V,
+            BLOCK_V=block, ENT_GRAD=ent_grad, ROUND_BF16=round_bf16(dlogits), num_warps=warps,
         )  # fmt: skip
     return dlogits
 
 
 class SelectiveLogSoftmax(torch.autograd.Function):
-    """(N, V) logits, (N,) ids -> (logp (N,) fp32, entropy (N,) fp32 or empty, not differentiable)."""
+    """(N, V) logits, (N,) ids -> (logp (N,) fp32, entropy (N,) fp32 or empty). Both are differentiable:
+    backward reads the logits once more and writes dlogits once, with the entropy's term when it has a gradient."""
 
     @staticmethod
     def forward(ctx, logits2d, ids1d, temperature: float, with_entropy: bool, inplace_backward: bool):
+        ctx.set_materialize_grads(False)  # an entropy used only for metrics brings no gradient term
         logp, lse, ent = forward_rows(logits2d, ids1d, temperature, with_entropy)
         ent = ent if with_entropy else logp.new_empty(0)
-        ctx.save_for_backward(logits2d, ids1d, lse)  # O(N) saved besides the logits themselves
+        ctx.save_for_backward(logits2d, ids1d, lse, ent)  # O(N) saved besides the logits themselves
         ctx.temperature, ctx.inplace = temperature, inplace_backward
-        ctx.mark_non_differentiable(ent)
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
         return logp, ent
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_ent):
-        logits2d, ids1d, lse = ctx.saved_tensors
-        dlogits = backward_rows(grad_logp.float(), logits2d, ids1d, lse, ctx.temperature, ctx.inplace)
+    def backward(ctx, grad_logp, grad_ent):
+        logits2d, ids1d, lse, ent = ctx.saved_tensors
+        grad_logp = lse.new_zeros(lse.shape) if grad_logp is None else grad_logp.float()
+        dlogits = backward_rows(grad_logp, logits2d, ids1d, lse, ctx.temperature, ctx.inplace, grad_ent, ent)
         return dlogits, None, None, None, None
 
 

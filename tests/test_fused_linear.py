@@ -8,6 +8,7 @@ vocabulary chunks, the last ones partial.
 
 import pytest
 import torch
+import variants
 
 import grpo_fast
 from grpo_fast import fused_linear, reference
@@ -106,6 +107,19 @@ def test_loss_matches_reference(path_device, loss_type, level, beta):
     if level == "token":  # the inputs hit every clip branch
         assert 0 < float(metrics["clip_ratio_low"]) and 0 < float(metrics["clip_ratio_high"])
         assert float(metrics["clip_ratio_region"]) < 1
+
+
+@pytest.mark.parametrize("path_device", PATHS, indirect=True)
+@pytest.mark.parametrize("name", list(variants.VARIANTS))
+def test_variants_match_reference(path_device, name):
+    """Every TRL option beyond the base four (tests/variants.py): dHidden, dWeight, dBias and the metrics."""
+    hidden, weight, bias = _head(path_device)
+    ids, mask, rewards, old, ref = _batch(hidden, weight, bias, 0.7)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    kwargs = dict(rewards=rewards, group_size=2, old_logps=old, ref_logps=ref, temperature=0.7)
+    kwargs.update(variants.options(name), **variants.tensors(name, old, mask))
+    _check_against_reference(hidden, weight, bias, ids, mask, kwargs)
 
 
 @pytest.mark.parametrize("path_device", PATHS, indirect=True)
