@@ -140,7 +140,7 @@ def grpo_loss(
     Returns:
         (loss, metrics): a scalar, and detached scalars kl, entropy, clip_ratio_low/high/region, ratio_mean,
         policy_loss (before the entropy bonus), and by option cispo_clip_ratio, vespo_phi_seq_mean,
-        entropy_threshold, entropy_mask_ratio.
+        entropy_threshold, entropy_mask_ratio, entropy_kept_mean.
     """
     checks.tensor(logits, "logits", ndim=3)
     checks.floating(logits, "logits")

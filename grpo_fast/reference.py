@@ -347,8 +347,11 @@ def _entropy_terms(entropy, active, opts: LossOptions, entropy_gather):
     if opts.top_entropy_quantile >= 1.0:
         return None, active, {}
     keep, threshold = high_entropy_mask(entropy, active, opts.top_entropy_quantile, entropy_gather)
-    ratio = keep.sum().to(entropy.dtype) / active.sum().clamp(min=1)
-    stats = {"entropy_threshold": threshold.to(entropy.dtype), "entropy_mask_ratio": ratio}  # fp32 -> fp64 exact
+    stats = {
+        "entropy_threshold": threshold.to(entropy.dtype),  # fp32 -> fp64 is exact
+        "entropy_mask_ratio": keep.sum().to(entropy.dtype) / active.sum().clamp(min=1),
+        "entropy_kept_mean": _masked_sum(entropy.detach(), keep) / keep.sum().clamp(min=1),
+    }
     return keep, keep, stats
 
 
@@ -376,7 +379,8 @@ def grpo_loss_from_logps(
     must be differentiable); `sampling_logps` (B, T) feeds the off-policy mask (default: old_logps).
     Returns (loss, metrics): detached scalars kl, entropy, clip_ratio_low/high/region, ratio_mean,
     policy_loss (the loss before the entropy bonus), and by option cispo_clip_ratio, vespo_phi_seq_mean,
-    entropy_threshold and entropy_mask_ratio (the fraction of active tokens the entropy mask keeps).
+    entropy_threshold, entropy_mask_ratio (the fraction of active tokens the entropy mask keeps) and
+    entropy_kept_mean (their mean entropy: what the entropy bonus and TRL's adaptive control average).
     """
     opts = LossOptions(**options)
     if entropy is None and (opts.top_entropy_quantile < 1.0 or opts.entropy_coef != 0.0):

@@ -9,7 +9,7 @@ use IEEE fp32 dots; under the interpreter (bf16 kept as raw bits) every tile is 
 Backward (cuBLAS + Triton), over (C, Vc) tiles of the tokens whose gradient is nonzero (GRPO: padding
 and, at beta = 0, equal-reward groups drop out) x the vocabulary (`_chunks`):
   logits   = hidden_c @ W_v^T (+ b_v)          2*C*Vc*H, the inputs' dtype (bf16 tensor cores)
-  dlogits  = backward_rows(...) in place        g * (onehot - softmax(logits / T)) / T, memory-bound
+  dlogits  = backward_rows(...) in place        g * (onehot - p) / T (+ the entropy term), memory-bound
   dH_c    += dlogits @ W_v                      2*C*Vc*H into an fp32 (C, H) accumulator
   dW_v    += dlogits^T @ hidden_c, db_v += ...  2*C*Vc*H into fp32 (V, H), only for a trainable head
 FLOPs: forward 2*N*H*V; backward 4*N*H*V for a frozen head (LoRA: the dW GEMM never runs), 6*N*H*V

@@ -123,6 +123,37 @@ def test_variants_match_reference(path_device, name):
 
 
 @pytest.mark.parametrize("path_device", PATHS, indirect=True)
+def test_entropy_quantile_over_processes(path_device):
+    """Two "processes" holding half the rows each, entropy_gather handing each the other's entropies and
+    dapo normalized by the global tokens: their losses add up to the whole batch's, their dHidden rows are
+    its rows, and both rank every token against the same global threshold (as TRL gathers)."""
+    hidden, weight, bias = _head(path_device)
+    ids, mask, rewards, old, _ = _batch(hidden, weight, bias, 0.7)
+    adv = reference.group_advantages(rewards, 2)
+    kw = dict(old_logps=old, top_entropy_quantile=0.3, num_items_in_batch=mask.sum(), temperature=0.7)
+
+    def call(rows, gather=None):
+        h = hidden[rows].detach().clone().requires_grad_()
+        part = {k: (v[rows] if torch.is_tensor(v) and v.dim() else v) for k, v in kw.items()}
+        loss, metrics = grpo_fast.fused_linear_grpo_loss(
+            h, weight, ids[rows], mask[rows], bias=bias, advantages=adv[rows], entropy_gather=gather, **part
+        )
+        return loss, metrics, torch.autograd.grad(loss, h)[0]
+
+    loss, metrics, grad = call(slice(None))
+    halves, local = (slice(0, 2), slice(2, 4)), {}
+    for i, rows in enumerate(halves):  # what each process holds
+        call(rows, lambda x, i=i: local.setdefault(i, x))
+    everyone = lambda x: torch.cat([local[0], local[1]])  # noqa: E731
+    parts = [call(rows, everyone) for rows in halves]
+    torch.testing.assert_close(parts[0][0] + parts[1][0], loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.cat([p[2] for p in parts]), grad, rtol=1e-6, atol=1e-7)
+    for p in parts:
+        assert p[1]["entropy_threshold"] == metrics["entropy_threshold"]
+    assert 0 < metrics["entropy_mask_ratio"] < 1
+
+
+@pytest.mark.parametrize("path_device", PATHS, indirect=True)
 def test_options_no_bias_no_old_logps(path_device):
     """No bias, old_logps = current (ratio 1), advantages given, delta and dr_grpo's length, T = 1."""
     hidden, weight, _ = _head(path_device, bias=False)
