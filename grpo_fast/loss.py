@@ -139,7 +139,7 @@ def grpo_loss(
     off_policy_mask_threshold): a forward read, then the backward's read and write (3*N*V*b bytes).
     Returns:
         (loss, metrics): a scalar, and detached scalars kl, entropy, clip_ratio_low/high/region, ratio_mean,
-        policy_loss (before the entropy bonus), and by option cispo_clip_ratio, vespo_phi_seq_mean,
+        and by option policy_loss (before the entropy bonus), cispo_clip_ratio, vespo_phi_seq_mean,
         entropy_threshold, entropy_mask_ratio, entropy_kept_mean.
     """
     checks.tensor(logits, "logits", ndim=3)

@@ -377,8 +377,8 @@ def grpo_loss_from_logps(
     into its weights instead); + beta * KL; `reduce_loss`; - entropy_coef * the mean entropy over the
     trained tokens. `entropy` (B, T) is needed for top_entropy_quantile < 1 and entropy_coef != 0 (then it
     must be differentiable); `sampling_logps` (B, T) feeds the off-policy mask (default: old_logps).
-    Returns (loss, metrics): detached scalars kl, entropy, clip_ratio_low/high/region, ratio_mean,
-    policy_loss (the loss before the entropy bonus), and by option cispo_clip_ratio, vespo_phi_seq_mean,
+    Returns (loss, metrics): detached scalars kl, entropy, clip_ratio_low/high/region, ratio_mean, and by
+    option policy_loss (the loss before the entropy bonus), cispo_clip_ratio, vespo_phi_seq_mean,
     entropy_threshold, entropy_mask_ratio (the fraction of active tokens the entropy mask keeps) and
     entropy_kept_mean (their mean entropy: what the entropy bonus and TRL's adaptive control average).
     """
@@ -416,7 +416,7 @@ def grpo_loss_from_logps(
             "kl": _masked_mean(kl, active) if kl is not None else zero,
             "entropy": _masked_mean(entropy, active) if entropy is not None else zero,
             **_ratio_metrics(coef_metric, adv, active, opts, extras),
-            "policy_loss": policy_loss,
+            **({"policy_loss": policy_loss} if opts.entropy_coef != 0.0 else {}),  # TRL logs it with the bonus
             **entropy_stats,
         }
     return loss, {k: v.detach() for k, v in metrics.items()}

@@ -186,12 +186,13 @@ def _launch(logits: torch.Tensor, batch: _Batch, setup: _Setup, dlogits: torch.T
 
 def metric_names(opts: LossOptions) -> tuple[str, ...]:
     """The metrics of a one-pass call, in the order `_loss_and_metrics` stacks them (reference.py's names)."""
-    return METRICS + ("policy_loss",) + (("cispo_clip_ratio",) if opts.loss_type == "cispo" else ())
+    bonus = ("policy_loss",) if opts.entropy_coef != 0.0 else ()
+    return METRICS + bonus + (("cispo_clip_ratio",) if opts.loss_type == "cispo" else ())
 
 
 def _loss_and_metrics(out: dict, batch: _Batch, setup: _Setup) -> tuple[torch.Tensor, torch.Tensor]:
     """The scalar loss (reference.reduce_loss, minus the entropy bonus) and the metrics, stacked in the order
-    of `metric_names`: masked means over active tokens, then the policy loss."""
+    of `metric_names`: masked means over active tokens, the policy loss with the bonus, cispo's flag."""
     mask, opts = batch.mask, setup.opts
     count = mask.sum().clamp(min=1.0)
     policy = reference.reduce_loss(
@@ -204,8 +205,8 @@ def _loss_and_metrics(out: dict, batch: _Batch, setup: _Setup) -> tuple[torch.Te
     flags += [((code >> 2) & 1).float()] if opts.loss_type == "cispo" else []
     per_token = torch.stack([kl, out["entropy"], *flags[:3], out["ratio"], *flags[3:]])  # (6 or 7, B*T)
     means = (per_token * mask.view(1, -1)).sum(1) / count
-    metrics = torch.cat([means[:6], policy.detach().reshape(1), means[6:]])
-    return loss, metrics
+    bonus = [policy.detach().reshape(1)] if opts.entropy_coef else []
+    return loss, torch.cat([means[:6], *bonus, means[6:]])
 
 
 class _GRPOTokenLoss(torch.autograd.Function):

@@ -245,10 +245,11 @@ class FastGRPOTrainer(_GRPOTrainer):
         spec = self._loss_spec(inputs, mask, mode)
         with self.accelerator.autocast():
             loss, metrics, logps = model(input_ids=input_ids, attention_mask=attention_mask, grpo_fast_loss=spec)
+        if self._entropy_bonus_enabled:  # a coefficient gated to 0: the loss is the policy loss
+            metrics.setdefault("policy_loss", loss.detach())
+            self._entropy_bonus_bookkeeping(mode, metrics, mask.float())
         if self.loss_type not in BY_ITEMS and mode == "train":  # TRL scales these for gradient accumulation
             loss = loss / self.current_gradient_accumulation_steps
-        if self._entropy_bonus_enabled:
-            self._entropy_bonus_bookkeeping(mode, metrics, mask.float())
         self._log_fused_metrics(mode, metrics, mask.float(), inputs, logps)
         return loss
 
