@@ -293,6 +293,7 @@ def gamma_weights(
 def _surrogate(logps, coef_1, log_ratio, adv, mask, is_ratio, opts: LossOptions):
     """The policy term by loss type: (per-token loss (B, T) or (B, 1), the ratio the metrics read, extras)."""
     extras = {}
+    logps = torch.where(mask, logps, 0.0)  # cispo / vespo multiply logp itself: a NaN gradient there stays masked
     if opts.loss_type == "cispo":  # MiniMax-M1: the ratio capped and detached, times A and logp
         per_token = -torch.clamp(coef_1, max=opts.eps_high).detach() * adv * logps
     elif opts.loss_type == "sapo":  # a sigmoid gate instead of the hard clip

@@ -215,10 +215,11 @@ def test_recipes(recipe, is_mode):
     )
 
 
-def test_masked_positions_never_count():
+@pytest.mark.parametrize("loss_type", reference.LOSS_TYPES)
+def test_masked_positions_never_count(loss_type):
     """NaN anywhere a token is masked (log-probs of old / ref / sampler, entropies, IS ratios): same result."""
     inp = make_inputs(8)
-    opts = RECIPES["everything"] | dict(loss_type="vespo")
+    opts = RECIPES["everything"] | dict(loss_type=loss_type)
     is_ratio, _ = reference.importance_sampling_ratio(
         inp["old_logps"], inp["sampling_logps"], inp["mask"], "token_mask", 0.8, 1.25
     )

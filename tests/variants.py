@@ -31,7 +31,7 @@ VARIANTS = {
     "entropy-bonus": dict(loss_type="bnpo", entropy_coef=0.05),  # one pass: the bonus' gradient in loop 2
     "entropy-bonus-sapo": dict(loss_type="sapo", entropy_coef=0.05, beta=0.04),
     "entropy-bonus-quantile": dict(loss_type="dr_grpo", entropy_coef=0.05, top_entropy_quantile=0.3),
-    "one-pass-all": dict(loss_type="cispo", epsilon_high=1.3, beta=0.04, use_bias_correction_kl=True, _is="row")
+    "one-pass-all": dict(loss_type="cispo", epsilon_high=1.3, beta=0.04, use_bias_correction_kl=True, _is="token")
     | dict(entropy_coef=0.02),
     "two-pass-all": dict(loss_type="dapo", beta=0.04, use_bias_correction_kl=True, off_policy_mask_threshold=0.05)
     | dict(top_entropy_quantile=0.5, entropy_coef=0.02, delta=1.5, _is="token", _sampling=True),
