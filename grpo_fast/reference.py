@@ -389,6 +389,9 @@ def grpo_loss_from_logps(
     active = completion_mask.bool()
     adv = advantages.to(logps.dtype).unsqueeze(1)  # (B, 1)
     old = logps.detach() if old_logps is None else old_logps
+    if importance_sampling_ratio is not None:  # a factor: 0, not NaN, where masked (a (B, 1) row sum sees them all)
+        counted = active if importance_sampling_ratio.shape[-1] == active.shape[-1] else active.any(-1, keepdim=True)
+        importance_sampling_ratio = torch.where(counted, importance_sampling_ratio, 0.0)
     entropy_mask, trained, entropy_stats = _entropy_terms(entropy, active, opts, entropy_gather)
     keep_rows = None
     if opts.off_policy_mask_threshold is not None:

@@ -215,11 +215,12 @@ def test_recipes(recipe, is_mode):
     )
 
 
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("loss_type", reference.LOSS_TYPES)
-def test_masked_positions_never_count(loss_type):
+def test_masked_positions_never_count(loss_type, level):
     """NaN anywhere a token is masked (log-probs of old / ref / sampler, entropies, IS ratios): same result."""
     inp = make_inputs(8)
-    opts = RECIPES["everything"] | dict(loss_type=loss_type)
+    opts = RECIPES["everything"] | dict(loss_type=loss_type, importance_sampling_level=level)
     is_ratio, _ = reference.importance_sampling_ratio(
         inp["old_logps"], inp["sampling_logps"], inp["mask"], "token_mask", 0.8, 1.25
     )

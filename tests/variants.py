@@ -25,6 +25,7 @@ VARIANTS = {
     "bias-kl-seq": dict(loss_type="grpo", beta=0.1, use_bias_correction_kl=True, importance_sampling_level="sequence"),
     "is-token": dict(loss_type="dapo", beta=0.04, _is="token"),
     "is-row": dict(loss_type="grpo", delta=1.5, _is="row"),
+    "is-token-seq": dict(loss_type="grpo", importance_sampling_level="sequence", _is="token"),  # NaN where masked
     "vespo-is": dict(loss_type="vespo", _is="token"),
     "entropy-quantile": dict(loss_type="dapo", top_entropy_quantile=0.3),
     "off-policy": dict(loss_type="grpo", beta=0.04, off_policy_mask_threshold=0.05, _sampling=True),
