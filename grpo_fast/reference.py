@@ -28,7 +28,12 @@ AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # multi-reward adva
 
 @dataclass(frozen=True)
 class LossOptions:
-    """The loss fields of TRL 1.16's GRPOConfig, with its names and defaults (one exception, marked)."""
+    """The loss fields of TRL 1.16's GRPOConfig, with its names and defaults (one exception, marked).
+
+    As TRL, every loss_type runs at either importance level (TRL only warns for luspo at the token level,
+    vespo at the sequence level and bnpo / dr_grpo / dapo / cispo at the sequence level), and vespo refuses
+    a per-row vLLM ratio (TRL: the sequence_* IS modes).
+    """
 
     loss_type: str = "dapo"  # one of LOSS_TYPES: the surrogate and its reduction (`reduce_loss`)
     beta: float = 0.0  # KL coefficient; the k3 estimator against ref_logps (required when beta != 0)
@@ -401,12 +406,9 @@ def grpo_loss_from_logps(
     coef_1 = torch.exp(_importance_weights(log_ratio, active, opts.importance_sampling_level))
     kl = None if ref_logps is None else _kl(logps, ref_logps, coef_1, active, opts)
     per_token, coef_metric, extras = _surrogate(logps, coef_1, log_ratio, adv, active, importance_sampling_ratio, opts)
-    if keep_rows is not None:
-        per_token = per_token * keep_rows
-    if entropy_mask is not None:
-        per_token = per_token * entropy_mask
-    if importance_sampling_ratio is not None and opts.loss_type != "vespo":
-        per_token = per_token * importance_sampling_ratio
+    factors = (keep_rows, entropy_mask, None if opts.loss_type == "vespo" else importance_sampling_ratio)
+    for factor in (f for f in factors if f is not None):  # TRL's order: off-policy, entropy, vLLM ratio
+        per_token = per_token * factor
     if kl is not None and opts.beta != 0.0:
         per_token = per_token + opts.beta * kl
     per_token = per_token.expand_as(logps)

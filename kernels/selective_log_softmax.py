@@ -64,6 +64,8 @@ def _row_softmax_grad(
     if ENT_GRAD:
         live = live | (g_ent != 0.0)
     n_read = tl.where(live, V, 0)
+    scale = g * inv_temp
+    scale_ent = g_ent * inv_temp
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         idx = start + cols
@@ -71,10 +73,10 @@ def _row_softmax_grad(
         x = tl.load(row_ptr + idx, mask=idx < n_read, other=0.0).to(tl.float32)  # (BLOCK_V,)
         log_p = x * inv_temp - lse
         p = tl.exp(log_p)
-        d = g * (tl.where(idx == target, 1.0, 0.0) - p)
+        d = scale * (tl.where(idx == target, 1.0, 0.0) - p)
         if ENT_GRAD:
-            d -= g_ent * tl.where(p > 0.0, p * (log_p + ent), 0.0)  # a -inf logit has p = 0: no 0 * -inf
-        d = tl.where(live, d * inv_temp, 0.0)
+            d -= scale_ent * tl.where(p > 0.0, p * (log_p + ent), 0.0)  # a -inf logit has p = 0: no 0 * -inf
+        d = tl.where(live, d, 0.0)
         tl.store(dst_ptr + idx, _round_to_bf16(d, ROUND_BF16).to(dst_ptr.dtype.element_ty), mask=valid)
 
 
