@@ -177,6 +177,20 @@ def test_bf16_inputs(path_device):
 
 
 @pytest.mark.parametrize("path_device", PATHS, indirect=True)
+@pytest.mark.parametrize("name", ["one-pass-all", "entropy-bonus-sapo", "vespo-is", "off-policy", "luspo-seq"])
+def test_variants_bf16(path_device, name):
+    """bf16 hidden and head with TRL's other options, the entropy bonus' backward term included (no entropy
+    quantile: a rank is not stable under bf16 rounding)."""
+    hidden, weight, bias = _head(path_device, dtype=torch.bfloat16)
+    ids, mask, rewards, old, ref = _batch(hidden, weight, bias, 0.9)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    kwargs = dict(rewards=rewards, group_size=2, old_logps=old, ref_logps=ref, temperature=0.9)
+    kwargs.update(variants.options(name), **variants.tensors(name, old, mask))
+    _check_against_reference(hidden, weight, bias, ids, mask, kwargs, rtol=2e-3)
+
+
+@pytest.mark.parametrize("path_device", PATHS, indirect=True)
 def test_tied_embeddings(path_device):
     """weight shared with an nn.Embedding: the head's and the embedding's gradients add up."""
     emb = torch.nn.Embedding(V, H).to(path_device)
