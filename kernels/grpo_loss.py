@@ -11,11 +11,11 @@ The reduction's weight w_row is known from the mask alone, so nothing waits for 
 reads N*V*b, writes N*V*b (2*N*V*b, the floor; a separate forward and backward costs 3*N*V*b); masked
 tokens and rows with a zero gradient (A = 0, no KL, no bonus) are not read at all. Nothing N*V is
 allocated besides the gradient, and with `inplace_backward` not even that.
-Two passes (every other option: sequence-level importance (GSPO, luspo), vespo's sequence weights, the
-entropy quantile over the whole batch, the off-policy mask): a row- or batch-level quantity of the current
-log-probs comes first. Pass 1 is the selective log-softmax forward with entropy (reads N*V*b), the O(N)
-terms run in torch (`reference.grpo_loss_from_logps`), pass 2 is its backward kernel (reads N*V*b, writes
-N*V*b): 3*N*V*b.
+Two passes (every other option: sequence-level importance (GSPO, luspo as its paper runs it), vespo's
+sequence weights, the entropy quantile over the whole batch, the off-policy mask): a row- or batch-level
+quantity of the current log-probs comes first. Pass 1 is the selective log-softmax forward with entropy
+(reads N*V*b), the O(N) terms run in torch (`reference.grpo_loss_from_logps`), pass 2 is its backward
+kernel (reads N*V*b, writes N*V*b): 3*N*V*b.
 """
 
 from __future__ import annotations
