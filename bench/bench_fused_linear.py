@@ -4,7 +4,8 @@ with a frozen head (LoRA: no dW) and a trainable one.
 Providers, measured in the same run: grpo_fast.fused_linear_grpo_loss (logits never in memory),
 grpo_fast.grpo_loss over materialized logits (hidden @ W^T first), the torch reference (materialized, fp32
 log-softmax), a chunked torch version (token chunks under activation checkpointing), and Liger-Kernel's
-LigerFusedLinearGRPOLoss. Every call runs old and reference log-probs, beta=0.04, dapo.
+LigerFusedLinearGRPOLoss. Every call runs old and reference log-probs, beta=0.04, dapo. grpo_fast[<variant>]
+adds one of TRL's other options (common.VARIANTS); every option costs the same two sweeps over the tiles.
 
 Shapes: N=8192, H in {1536, 4096}, V=151936 bf16 on CUDA; N=512, H=256, V=32000 on a CPU; tiny with --quick.
 
@@ -34,6 +35,7 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import grpo_fast  # noqa: E402
 from bench import common  # noqa: E402
+from bench.common import VARIANTS  # noqa: E402
 from grpo_fast import reference  # noqa: E402
 
 SUITE = "fused_linear"
@@ -121,11 +123,13 @@ def _loss_from_logps(logps, inp) -> torch.Tensor:
 # Each provider maps (inputs, case, quick) to a closure returning the scalar loss; peers raise common.Missing.
 
 
-def _grpo_fast(inp, case, quick):
+def _grpo_fast(inp, case, quick, variant: str | None = None):
+    options = OPTIONS | common.variant_kwargs(variant, inp)
+
     def loss_fn():
         loss, _ = grpo_fast.fused_linear_grpo_loss(
             inp["hidden"], inp["weight"], inp["ids"], inp["completion_mask"], rewards=inp["rewards"],
-            group_size=case.G, old_logps=inp["old_logps"], ref_logps=inp["ref_logps"], **OPTIONS,
+            group_size=case.G, old_logps=inp["old_logps"], ref_logps=inp["ref_logps"], **options,
         )  # fmt: skip
         return loss
 
@@ -186,6 +190,8 @@ PROVIDERS: dict[str, Callable] = {
     "torch[chunked]": _torch_chunked,
     "liger": _liger,
 }
+PROVIDERS |= {f"grpo_fast[{v}]": (lambda inp, case, quick, v=v: _grpo_fast(inp, case, quick, v)) for v in VARIANTS}
+RECOMPUTES |= {f"grpo_fast[{v}]" for v in VARIANTS}
 
 
 def bench_fn(provider: str, case: Case, mode: str, device: torch.device, quick: bool = False):

@@ -3,7 +3,10 @@
 Providers, measured in the same run: grpo_fast.grpo_loss (and with inplace_backward), the torch reference
 eager in the logits' dtype, torch.compile of it, Liger-Kernel's Triton GRPO loss, TRL's
 selective_log_softmax + the torch loss. Every call runs the full GRPO objective with its heaviest options:
-old and reference log-probs, beta=0.04 (k3 KL), asymmetric clipping, dapo reduction.
+old and reference log-probs, beta=0.04 (k3 KL), asymmetric clipping, dapo reduction. grpo_fast[<variant>]
+adds one of TRL's other options (common.VARIANTS): cispo, sapo, bias-corrected KL with vLLM ratios and
+the entropy bonus stay one pass; gspo, vespo, top_entropy_quantile and off_policy_mask take two (a forward
+read, then the backward's read and write: 3*N*V*b against the floor's 2*N*V*b).
 
 Shapes: N=8192, V=151936 (bf16 and fp32) on CUDA; N=512, V=32000 on a CPU; tiny with --quick.
 
@@ -95,12 +98,14 @@ class _Alias(torch.autograd.Function):
         return grad
 
 
-def _grpo_fast(inp, case, quick, inplace: bool = False):
+def _grpo_fast(inp, case, quick, inplace: bool = False, variant: str | None = None):
+    options = OPTIONS | common.variant_kwargs(variant, inp)
+
     def loss_fn():
         logits = _Alias.apply(inp["logits"]) if inplace else inp["logits"]
         loss, _ = grpo_fast.grpo_loss(
             logits, inp["ids"], inp["completion_mask"], rewards=inp["rewards"], group_size=case.G,
-            old_logps=inp["old_logps"], ref_logps=inp["ref_logps"], inplace_backward=inplace, **OPTIONS,
+            old_logps=inp["old_logps"], ref_logps=inp["ref_logps"], inplace_backward=inplace, **options,
         )  # fmt: skip
         return loss
 
@@ -174,6 +179,9 @@ PROVIDERS: dict[str, Callable] = {
     "torch.compile": _torch_compile,
     "liger": _liger,
     "trl": _trl,
+}
+PROVIDERS |= {
+    f"grpo_fast[{v}]": (lambda inp, case, quick, v=v: _grpo_fast(inp, case, quick, variant=v)) for v in common.VARIANTS
 }
 
 

@@ -417,15 +417,42 @@ def grpo_companions(logps: torch.Tensor, group_size: int, seed: int = 0) -> dict
     rewards = torch.randint(0, 2, (B,), generator=g).float() + 0.1 * torch.randn(B, generator=g)
     old_noise = 0.3 * torch.randn(B, T, generator=g)  # |noise| > log(1.2) ~ 0.18 often: clips both ways
     ref_noise = 0.1 * torch.randn(B, T, generator=g)
+    sampler_noise = 0.1 * torch.randn(B, T, generator=g)  # an inference engine's log-probs drift from training's
     out = {
         "completion_mask": mask,
         "rewards": rewards,
         "old_logps": logps.float().cpu() + old_noise,
         "ref_logps": logps.float().cpu() + ref_noise,
+        "importance_sampling_ratio": torch.exp(-sampler_noise).clamp(max=2.0),  # vLLM token_truncate
     }
+    out["sampling_logps"] = out["old_logps"] + sampler_noise
     out = {k: v.to(logps.device) for k, v in out.items()}
     out["advantages"] = reference.group_advantages(out["rewards"], group_size)
     return out
+
+
+FROM_INPUTS = "<from inputs>"  # a VARIANTS value: the per-call tensor of that name, from grpo_companions
+
+# TRL 1.16's loss options beyond the suites' dapo + KL, each a benchmark line: the first four are per-token terms
+# of the one-pass path, the last four need a row- or batch-level quantity of the current log-probs first
+# (grpo_loss: two passes over the logits; fused linear: the same sweeps as every option).
+VARIANTS = {
+    "cispo": dict(loss_type="cispo", epsilon_high=5.0),
+    "sapo": dict(loss_type="sapo"),
+    "bias_kl+vllm_is": dict(use_bias_correction_kl=True, importance_sampling_ratio=FROM_INPUTS),
+    "entropy_coef": dict(entropy_coef=0.01),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
+    "vespo": dict(loss_type="vespo"),
+    "top_entropy_quantile": dict(top_entropy_quantile=0.2),
+    "off_policy_mask": dict(off_policy_mask_threshold=0.5, sampling_logps=FROM_INPUTS),
+}
+
+
+def variant_kwargs(variant: str | None, inputs: dict) -> dict:
+    """A variant's loss keywords, its per-call tensors (FROM_INPUTS in VARIANTS) taken from `inputs`."""
+    if variant is None:
+        return {}
+    return {k: (inputs[k] if v == FROM_INPUTS else v) for k, v in VARIANTS[variant].items()}
 
 
 def mode_fn(loss_fn: Callable[[], torch.Tensor], wrt: list[torch.Tensor], mode: str) -> Callable[[], Any] | Staged:

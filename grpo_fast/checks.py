@@ -5,11 +5,12 @@ Each check raises ValueError/TypeError with the offending argument's name in the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
-from .reference import IMPORTANCE_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from .reference import AGGREGATIONS, IMPORTANCE_LEVELS, IS_MODES, LOSS_TYPES, SCALE_REWARDS, LossOptions
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -102,34 +103,57 @@ def rewards(r: torch.Tensor, gsize, scale_rewards: str, eps: float = 1e-4) -> No
     positive_number(eps, "eps")
 
 
-def loss_options(
-    *,
-    beta: float,
-    epsilon: float,
-    epsilon_high: float | None,
-    delta: float | None,
-    temperature: float,
-    loss_type: str,
-    importance_sampling_level: str,
-    max_completion_length: int | None,
-) -> None:
-    """The loss's options on their own (no tensors): shared by the ops and the trainer's config.validate."""
-    choice(loss_type, "loss_type", LOSS_TYPES)
-    choice(importance_sampling_level, "importance_sampling_level", IMPORTANCE_LEVELS)
-    positive_number(temperature, "temperature")
-    positive_number(epsilon, "epsilon")
-    if epsilon_high is not None:
-        positive_number(epsilon_high, "epsilon_high")
-    if delta is not None:
-        positive_number(delta, "delta")
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-    if max_completion_length is not None and (
-        not isinstance(max_completion_length, int)
-        or isinstance(max_completion_length, bool)
-        or max_completion_length < 1
-    ):
-        raise ValueError(f"max_completion_length must be a positive int, got {max_completion_length!r}")
+def finite_number(x, name: str, low: float = -math.inf) -> None:
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or x < low:
+        bound = "" if low == -math.inf else f" >= {low}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {x!r}")
+
+
+def loss_options(options: dict) -> LossOptions:
+    """The `LossOptions` of a loss op's keyword options (no tensors: also the trainer's config.validate);
+    TypeError for a name that is not an option."""
+    names = [f.name for f in dataclasses.fields(LossOptions)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the loss options are {names}")
+    opts = LossOptions(**options)
+    choice(opts.loss_type, "loss_type", LOSS_TYPES)
+    choice(opts.importance_sampling_level, "importance_sampling_level", IMPORTANCE_LEVELS)
+    for name in ("epsilon", "sapo_temperature_pos", "sapo_temperature_neg"):
+        positive_number(getattr(opts, name), name)
+    for name in ("epsilon_high", "delta"):
+        if getattr(opts, name) is not None:
+            positive_number(getattr(opts, name), name)
+    for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef"):
+        finite_number(getattr(opts, name), name)
+    finite_number(opts.beta, "beta", low=0.0)
+    if opts.off_policy_mask_threshold is not None:
+        finite_number(opts.off_policy_mask_threshold, "off_policy_mask_threshold")
+    finite_number(opts.top_entropy_quantile, "top_entropy_quantile", low=0.0)
+    if opts.top_entropy_quantile > 1:
+        raise ValueError(f"top_entropy_quantile must lie in [0, 1], got {opts.top_entropy_quantile!r}")
+    if not isinstance(opts.use_bias_correction_kl, bool):
+        raise TypeError(f"use_bias_correction_kl must be a bool, got {opts.use_bias_correction_kl!r}")
+    mcl = opts.max_completion_length
+    if mcl is not None and (not isinstance(mcl, int) or isinstance(mcl, bool) or mcl < 1):
+        raise ValueError(f"max_completion_length must be a positive int, got {mcl!r}")
+    return opts
+
+
+def importance_ratio(ratio: torch.Tensor | None, mask: torch.Tensor, opts: LossOptions) -> None:
+    """The vLLM importance-sampling ratio: (B, T) or (B, 1), finite and >= 0 where it counts (active tokens)."""
+    if ratio is None:
+        return
+    B, T = mask.shape
+    tensor(ratio, "importance_sampling_ratio", ndim=2)
+    if tuple(ratio.shape) not in ((B, T), (B, 1)):
+        raise ValueError(f"importance_sampling_ratio must have shape {(B, T)} or {(B, 1)}, got {tuple(ratio.shape)}")
+    floating(ratio, "importance_sampling_ratio")
+    if opts.loss_type == "vespo" and T > 1 and ratio.shape[1] == 1:
+        raise ValueError("vespo needs a per-token importance_sampling_ratio (B, T) (TRL: a token_* IS mode)")
+    counted = ratio[mask.bool().expand_as(ratio) if ratio.shape[1] == T else mask.bool().any(1, keepdim=True)]
+    if counted.numel() and not bool((torch.isfinite(counted) & (counted >= 0)).all()):
+        raise ValueError("importance_sampling_ratio must be finite and >= 0 at active tokens")
 
 
 def token_inputs(
@@ -145,6 +169,7 @@ def token_inputs(
     old_logps: torch.Tensor | None,
     ref_logps: torch.Tensor | None,
     num_items_in_batch,
+    sampling_logps: torch.Tensor | None = None,
 ) -> None:
     """Checks the per-row and per-token companions of a (B, T) batch of completions."""
     tensor(completion_mask, "completion_mask", ndim=2)
@@ -161,13 +186,14 @@ def token_inputs(
             raise ValueError("group_size is required with rewards")
         shape(tensor(rewards_, "rewards", ndim=1), "rewards", (B,))
         rewards(rewards_, group_size_, scale_rewards)
-    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+    logps = (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampling_logps", sampling_logps))
+    for name, t in logps:
         if t is not None:
             tensor(t, name, ndim=2)
             shape(t, name, (B, T))
             floating(t, name)
-    names = ("completion_mask", "advantages", "rewards", "old_logps", "ref_logps")
-    tensors = (completion_mask, advantages, rewards_, old_logps, ref_logps)
+    names = ("completion_mask", "advantages", "rewards", "old_logps", "ref_logps", "sampling_logps")
+    tensors = (completion_mask, advantages, rewards_, old_logps, ref_logps, sampling_logps)
     for name, t in zip(names, tensors):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but the model inputs are on {device}")
@@ -176,12 +202,14 @@ def token_inputs(
         number_or_scalar_tensor(num_items_in_batch, "num_items_in_batch")
 
 
-def grpo_batch(B: int, T: int, V: int, device: torch.device, completion_ids, completion_mask, **kw) -> None:
-    """Every check of a GRPO loss call over a (B, T) batch scored against a vocabulary of V.
+def grpo_batch(
+    B: int, T: int, V: int, device: torch.device, completion_ids, completion_mask, options: dict, **kw
+) -> LossOptions:
+    """Every check of a GRPO loss call over a (B, T) batch scored against a vocabulary of V; returns its
+    `LossOptions` (from `options`, the op's loss keywords).
 
-    `kw` holds grpo_loss's keywords (advantages, rewards, group_size, scale_rewards, old_logps, ref_logps,
-    num_items_in_batch, beta, epsilon, epsilon_high, delta, temperature, loss_type,
-    importance_sampling_level, max_completion_length).
+    `kw` holds the op's other keywords: advantages, rewards, group_size, scale_rewards, old_logps, ref_logps,
+    sampling_logps, importance_sampling_ratio, num_items_in_batch, temperature.
     """
     tensor(completion_ids, "completion_ids", ndim=2)
     shape(completion_ids, "completion_ids", (B, T))
@@ -189,14 +217,51 @@ def grpo_batch(B: int, T: int, V: int, device: torch.device, completion_ids, com
         raise ValueError(f"completion_ids is on {completion_ids.device} but the model inputs are on {device}")
     ids_in_range(completion_ids, V, "completion_ids")
     token_names = ("advantages", "rewards", "group_size", "scale_rewards", "old_logps", "ref_logps")
-    token = {k: kw[k] for k in token_names + ("num_items_in_batch",)}
+    token = {k: kw[k] for k in token_names + ("num_items_in_batch", "sampling_logps")}
     token["rewards_"], token["group_size_"] = token.pop("rewards"), token.pop("group_size")
     token_inputs(B, T, device, completion_mask=completion_mask, **token)
-    option_names = ("beta", "epsilon", "epsilon_high", "delta", "temperature", "loss_type")
-    option_names += ("importance_sampling_level", "max_completion_length")
-    loss_options(**{k: kw[k] for k in option_names})
-    if kw["beta"] != 0 and kw["ref_logps"] is None:
+    positive_number(kw["temperature"], "temperature")
+    opts = loss_options(options)
+    if opts.beta != 0 and kw["ref_logps"] is None:
         raise ValueError("ref_logps is required when beta != 0")
+    ratio = kw["importance_sampling_ratio"]
+    same_device("completion_mask", completion_mask, ("importance_sampling_ratio", ratio))
+    importance_ratio(ratio, completion_mask, opts)
+    return opts
+
+
+def importance_sampling(old_logps, sampling_logps, completion_mask, mode: str, clip_min, clip_max) -> None:
+    """Inputs of the vLLM importance-sampling ratio (TRL's vllm_importance_sampling_* semantics)."""
+    tensor(completion_mask, "completion_mask", ndim=2)
+    for name, t in (("old_logps", old_logps), ("sampling_logps", sampling_logps)):
+        tensor(t, name, ndim=2)
+        shape(t, name, tuple(completion_mask.shape))
+        floating(t, name)
+    same_device("old_logps", old_logps, ("sampling_logps", sampling_logps), ("completion_mask", completion_mask))
+    choice(mode, "mode", IS_MODES)
+    for name, bound in (("clip_min", clip_min), ("clip_max", clip_max)):
+        if bound is not None:
+            finite_number(bound, name, low=0.0)
+    if clip_min is not None and clip_max is not None and clip_min >= clip_max:
+        raise ValueError(f"clip_min ({clip_min}) must be less than clip_max ({clip_max})")
+    if mode.endswith("truncate") and clip_min is None and clip_max is None:
+        raise ValueError(f"mode={mode!r} needs clip_min or clip_max")
+
+
+def reward_table(rewards: torch.Tensor, gsize, weights, aggregation: str, scale_rewards: str) -> None:
+    """A (B, F) table of F reward functions' scores: NaN means not scored, infinities are refused."""
+    tensor(rewards, "rewards", ndim=2)
+    if not rewards.is_floating_point():
+        raise TypeError(f"rewards must be a floating tensor, got {rewards.dtype}")
+    if bool(torch.isinf(rewards).any()):
+        raise ValueError("rewards contains infinite values (NaN marks a score a reward function did not give)")
+    group_size(rewards, gsize)
+    if weights is not None:
+        tensor(weights, "reward_weights", ndim=1)
+        shape(weights, "reward_weights", (rewards.shape[1],))
+        finite(weights, "reward_weights")
+    choice(aggregation, "multi_objective_aggregation", AGGREGATIONS)
+    choice(scale_rewards, "scale_rewards", SCALE_REWARDS)
 
 
 def linear_head(hidden, weight, bias, ids, ids_name: str = "ids") -> None:

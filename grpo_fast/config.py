@@ -20,6 +20,8 @@ from pathlib import Path
 from . import checks
 from .reference import SCALE_REWARDS
 
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # what train.accumulate normalizes today; TRL's others: issue 11
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -297,10 +299,12 @@ def _check_numbers(cfg: Config) -> None:
     _in_range(cfg, "warmup_ratio", 0, 1)
     _in_range(cfg, "lora_dropout", 0, 1, high_open=True)
     _in_range(cfg, "top_p", 0, 1, low_open=True)
+    checks.choice(cfg.loss_type, "loss_type", LOSS_TYPES)
+    checks.positive_number(cfg.temperature, "temperature")
     checks.loss_options(
-        beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, temperature=cfg.temperature,
-        loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
-        max_completion_length=cfg.max_new_tokens,
+        dict(beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
+             loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
+             max_completion_length=cfg.max_new_tokens)
     )  # fmt: skip
 
 

@@ -18,6 +18,8 @@ and, only when the head requires grad, dWeight (2*N*H*V) into an fp32 (V, H) acc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import checks, reference
@@ -85,11 +87,12 @@ def chunked_logps(hidden2d, weight, bias, ids1d, temperature: float, with_entrop
 
 
 @torch.no_grad()
-def chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, temperature: float, needs: tuple, head):
-    """dHidden, dWeight, dBias (each None unless in `needs`) of sum(grad_logp * logp).
+def chunked_backward(grad_logp, grad_ent, hidden2d, weight, bias, ids1d, lse, ent, temperature: float, needs, head):
+    """dHidden, dWeight, dBias (each None unless in `needs`) of sum(grad_logp * logp + grad_ent * entropy)
+    (grad_ent None unless the entropy is differentiated: the entropy bonus).
 
-    dz = g * (onehot - softmax) * f'(z) / T; the onehot part is a gather/index_add, the softmax part is
-    recomputed tile by tile.
+    With y = f(z) / T (z the raw tile, f the logit transform): dy = g * (onehot - p) - g_H * p * (log p + H),
+    dz = dy * f'(z) / T; the onehot part is a gather/index_add, the rest is recomputed tile by tile.
     """
     N, H = hidden2d.shape
     n, v = _steps(N, weight.shape[0], H)
@@ -98,8 +101,11 @@ def chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, temperature:
     dw = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needs[1] else None  # (V, H)
     db = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if needs[2] else None
     for s in range(0, N, n):
-        g = grad_logp[s : s + n].to(dtype) / temperature  # (n,)
-        live = (g != 0).unsqueeze(1)  # (n, 1): rows without gradient (masked padding) may hold NaN: never used
+        g = hidden2d.new_zeros(min(n, N - s), dtype=dtype) if grad_logp is None else grad_logp[s : s + n].to(dtype)
+        g = g / temperature  # (n,)
+        g_ent = None if grad_ent is None else (grad_ent[s : s + n].to(dtype) / temperature).unsqueeze(1)  # (n, 1)
+        live = (g != 0) if g_ent is None else (g != 0) | (g_ent[:, 0] != 0)
+        live = live.unsqueeze(1)  # (n, 1): rows without gradient (masked padding) may hold NaN: never used
         h, ids = torch.where(live, hidden2d[s : s + n].to(dtype), 0.0), ids1d[s : s + n]  # (n, H), (n,)
         g_t = g * head.derivative(_target_z(h, weight, bias, ids)) if not head.identity else g  # onehot part
         dh_c = g_t.unsqueeze(1) * weight[ids].to(dtype) if needs[0] else None  # (n, H) fp32
@@ -109,8 +115,12 @@ def chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, temperature:
             db.index_add_(0, ids, g_t)
         for v0 in range(0, weight.shape[0], v):
             z = _z_tile(h, weight, bias, v0, v0 + v)  # (n, v)
-            p = torch.exp(head(z) / temperature - lse[s : s + n].unsqueeze(1))  # softmax
-            d = torch.where(live, -g.unsqueeze(1) * p, 0.0)  # (n, v) dlogits, softmax part
+            log_p = head(z) / temperature - lse[s : s + n].unsqueeze(1)  # log softmax
+            p = torch.exp(log_p)
+            d = torch.where(live, -g.unsqueeze(1) * p, 0.0)  # (n, v) dy, softmax part
+            if g_ent is not None:  # dH/dy_j = -p_j (log p_j + H); p = 0 (a -inf logit) adds nothing
+                d_ent = g_ent * torch.where(p > 0, p * (log_p + ent[s : s + n].unsqueeze(1)), 0.0)
+                d = d - torch.where(live, d_ent, 0.0)
             if not head.identity:
                 d = d * head.derivative(z)  # dz
             if needs[0]:
@@ -129,22 +139,24 @@ def _cast(x, dtype):
 
 
 class ChunkedLinearLogps(torch.autograd.Function):
-    """logp = log_softmax(f(hidden @ W.T + b) / T)[ids] (N,), entropy (N,) as a non-differentiable side output."""
+    """logp = log_softmax(f(hidden @ W.T + b) / T)[ids] (N,) and the entropy (N,), both differentiable."""
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, ids1d, temperature, with_entropy, head):
+        ctx.set_materialize_grads(False)  # an entropy used only for metrics brings no gradient term
         logp, lse, ent = chunked_logps(hidden2d, weight, bias, ids1d, temperature, with_entropy, head)
-        ctx.save_for_backward(hidden2d, weight, bias, ids1d, lse)
-        ctx.temperature, ctx.head = temperature, head
+        ctx.head = head
         ent = ent if with_entropy else logp.new_empty(0)
-        ctx.mark_non_differentiable(ent)
+        ctx.save_for_backward(hidden2d, weight, bias, ids1d, lse, ent)
+        ctx.temperature = temperature
         return logp, ent
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        hidden2d, weight, bias, ids1d, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden2d, weight, bias, ids1d, lse, ent = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        dh, dw, db = chunked_backward(grad_logp, hidden2d, weight, bias, ids1d, lse, ctx.temperature, needs, ctx.head)
+        args = (hidden2d, weight, bias, ids1d, lse, ent, ctx.temperature, needs, ctx.head)
+        dh, dw, db = chunked_backward(grad_logp, grad_entropy, *args)
         return dh, dw, db, None, None, None, None
 
 
@@ -208,17 +220,14 @@ def fused_linear_grpo_loss(
     scale_rewards: str = "group",
     old_logps: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
-    beta: float = 0.0,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
+    sampling_logps: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
     temperature: float = 1.0,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
+    entropy_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     logit_scale: float = 1.0,
     softcap: float | None = None,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of `grpo_fast.grpo_loss(f(hidden @ weight.T + bias), ...)` without the (B, T, V) logits,
     f(z) = softcap * tanh(logit_scale * z / softcap) (logit_scale * z when softcap is None; identity by default).
@@ -228,41 +237,29 @@ def fused_linear_grpo_loss(
         weight: (V, H) LM head (may be tied to the embeddings), hidden's dtype; bias: (V,) or None.
         logit_scale, softcap: the model's logit transform, as in `fused_linear_logps`.
         completion_ids: (B, T) int; completion_mask: (B, T) {0, 1}.
-        advantages: (B,), or `rewards` (B,) with `group_size` (and `scale_rewards`) to compute them.
-        old_logps, ref_logps: (B, T) log-probs of the sampling and the reference policy.
+        advantages, rewards, ..., entropy_gather, **options: as `grpo_fast.grpo_loss` (TRL's loss options:
+            loss_type, beta, epsilon, epsilon_high, delta, importance_sampling_level, ..., entropy_coef).
+    Passes over the hidden-state tiles: every option costs the same, one forward sweep (logp, lse and entropy
+    per token: 2*N*H*V FLOPs) and one backward sweep that recomputes the tiles; the options' O(N) terms run
+    in torch between them, and the entropy bonus' gradient joins the backward tiles without another GEMM.
     Returns:
-        (loss, metrics): a scalar, and detached scalars kl, entropy, clip_ratio_low/high/region,
-        ratio_mean. Gradients reach hidden, and weight/bias only when they require grad.
+        (loss, metrics): as `grpo_fast.grpo_loss`. Gradients reach hidden, and weight/bias only when they
+        require grad.
     """
     checks.tensor(hidden, "hidden", ndim=3)
     checks.linear_head(hidden, weight, bias, completion_ids, "completion_ids")
     head = LogitTransform(logit_scale, softcap)
     B, T, _ = hidden.shape
-    options = dict(
-        old_logps=old_logps,
-        ref_logps=ref_logps,
-        beta=beta,
-        epsilon=epsilon,
-        epsilon_high=epsilon_high,
-        delta=delta,
-        loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch,
-    )
-    batch = dict(advantages=advantages, rewards=rewards, group_size=group_size, scale_rewards=scale_rewards)
-    checks.grpo_batch(
-        B,
-        T,
-        weight.shape[0],
-        hidden.device,
-        completion_ids,
-        completion_mask,
-        temperature=temperature,
-        **batch,
-        **options,
-    )
+    companions = dict(old_logps=old_logps, ref_logps=ref_logps, sampling_logps=sampling_logps)
+    companions.update(importance_sampling_ratio=importance_sampling_ratio, num_items_in_batch=num_items_in_batch)
+    opts = checks.grpo_batch(
+        B, T, weight.shape[0], hidden.device, completion_ids, completion_mask, options, advantages=advantages,
+        rewards=rewards, group_size=group_size, scale_rewards=scale_rewards, temperature=temperature, **companions,
+    )  # fmt: skip
     logps, entropy = _logps_entropy(hidden, weight, bias, completion_ids, temperature, with_entropy=True, head=head)
     if advantages is None:
         advantages = reference.group_advantages(rewards.to(logps.dtype), group_size, scale_rewards)
-    return reference.grpo_loss_from_logps(logps, completion_mask, advantages, entropy=entropy, **options)
+    return reference.grpo_loss_from_logps(
+        logps, completion_mask, advantages, entropy=entropy, entropy_gather=entropy_gather, **companions,
+        **opts.asdict(),
+    )  # fmt: skip

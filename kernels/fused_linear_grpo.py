@@ -9,7 +9,7 @@ use IEEE fp32 dots; under the interpreter (bf16 kept as raw bits) every tile is 
 Backward (cuBLAS + Triton), over (C, Vc) tiles of the tokens whose gradient is nonzero (GRPO: padding
 and, at beta = 0, equal-reward groups drop out) x the vocabulary (`_chunks`):
   logits   = hidden_c @ W_v^T (+ b_v)          2*C*Vc*H, the inputs' dtype (bf16 tensor cores)
-  dlogits  = backward_rows(...) in place        g * (onehot - softmax(logits / T)) / T, memory-bound
+  dlogits  = backward_rows(...) in place        g * (onehot - p) / T (+ the entropy term), memory-bound
   dH_c    += dlogits @ W_v                      2*C*Vc*H into an fp32 (C, H) accumulator
   dW_v    += dlogits^T @ hidden_c, db_v += ...  2*C*Vc*H into fp32 (V, H), only for a trainable head
 FLOPs: forward 2*N*H*V; backward 4*N*H*V for a frozen head (LoRA: the dW GEMM never runs), 6*N*H*V
@@ -193,19 +193,23 @@ def _accumulate_head_grads(dw, db, d, h, v0: int, v1: int) -> None:
         db[v0:v1] += d.sum(0, dtype=torch.float32)
 
 
-def _backward(grad_logp, hidden, weight, bias, ids, lse, temperature: float, needs: tuple, head: tuple):
-    """dHidden, dWeight, dBias (None where not needed) of sum(grad_logp * logp), tile by tile.
+def _backward(grad_logp, grad_ent, hidden, weight, bias, ids, lse, ent, temperature: float, needs: tuple, head):
+    """dHidden, dWeight, dBias (None where not needed) of sum(grad_logp * logp + grad_ent * entropy), tile by
+    tile (grad_ent None unless the entropy is differentiated: the entropy bonus); head = (logit_scale, softcap).
 
     Only tokens with a nonzero gradient enter the tiles (exact: the others' dlogits are 0); in GRPO
-    these skip masked padding and, with beta = 0, every row of a group whose rewards are all equal.
+    these skip masked padding and, with beta = 0 and no entropy bonus, every row of a group whose rewards are
+    all equal.
     Per (C, Vc) tile: logits = hidden_c @ W_v^T (+ b_v) (cuBLAS, the inputs' dtype), dlogits in place by
     `backward_rows` (ids shifted by v0: a target outside the tile adds no one-hot there), then
     dHidden_c += dlogits @ W_v and, for a trainable head, dWeight_v += dlogits^T @ hidden_c.
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    g = grad_logp.float().contiguous()
-    live = g.nonzero().squeeze(1)  # (N_live,) one host sync
+    g = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
+    g_ent = None if grad_ent is None else grad_ent.float().contiguous()
+    live = (g != 0) if g_ent is None else (g != 0) | (g_ent != 0)
+    live = live.nonzero().squeeze(1)  # (N_live,) one host sync
     C, vc = _chunks(live.numel(), V, hidden.element_size())
     f32 = dict(dtype=torch.float32, device=hidden.device)
     dh = torch.zeros_like(hidden) if needs[0] else None
@@ -213,11 +217,12 @@ def _backward(grad_logp, hidden, weight, bias, ids, lse, temperature: float, nee
     db = torch.zeros(V, **f32) if needs[2] and bias is not None else None
     for rows in live.split(C):
         h, g_c, ids_c, lse_c = hidden[rows], g[rows], ids[rows], lse[rows]  # (C, H), (C,) x 3
+        ent_c = () if g_ent is None else (g_ent[rows], ent[rows])  # the entropy term's (C,) x 2
         dh_c = torch.zeros(rows.numel(), H, **f32) if needs[0] else None  # (C, H)
         for v0 in range(0, V, vc):
             w = weight[v0 : v0 + vc]  # (Vc, H)
             x = h @ w.T if bias is None else torch.addmm(bias[v0 : v0 + vc], h, w.T)  # (C, Vc)
-            d = backward_rows(g_c, x, ids_c - v0, lse_c, temperature, inplace=True, head=head)
+            d = backward_rows(g_c, x, ids_c - v0, lse_c, temperature, True, *ent_c, head=head)
             if dh_c is not None:
                 _add_matmul(dh_c, d, w)
             _accumulate_head_grads(dw, db, d, h, v0, v0 + vc)
@@ -231,22 +236,26 @@ def _cast(x, dtype):
 
 
 class FusedLinearLogps(torch.autograd.Function):
-    """(N, H), (V, H), (V,) or None, (N,) -> logp (N,) fp32, entropy (N,) (non-differentiable, or empty)."""
+    """(N, H), (V, H), (V,) or None, (N,) -> logp (N,) fp32 and entropy (N,) fp32 (or empty), both
+    differentiable: the entropy's gradient term joins the same backward tiles (no extra GEMM)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, temperature, with_entropy, head):
+        ctx.set_materialize_grads(False)  # an entropy used only for metrics brings no gradient term
         logp, lse, ent = _forward(hidden, weight, bias, ids, temperature, with_entropy, head)
-        ctx.save_for_backward(hidden, weight, bias, ids, lse)  # O(N) saved beyond the inputs
-        ctx.temperature, ctx.head = temperature, head
+        ctx.head = head
         ent = ent if with_entropy else logp.new_empty(0)
-        ctx.mark_non_differentiable(ent)
+        ctx.save_for_backward(hidden, weight, bias, ids, lse, ent)  # O(N) saved beyond the inputs
+        ctx.temperature = temperature
         return logp, ent
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, bias, ids, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, ids, lse, ent = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        dh, dw, db = _backward(grad_logp, hidden, weight, bias, ids, lse, ctx.temperature, needs, ctx.head)
+        dh, dw, db = _backward(
+            grad_logp, grad_entropy, hidden, weight, bias, ids, lse, ent, ctx.temperature, needs, ctx.head
+        )
         return dh, dw, db, None, None, None, None
 
 
@@ -266,8 +275,8 @@ def linear_logps(
     Args (validated by `grpo_fast.fused_linear`): hidden (N, H) bf16/fp16/fp32; weight (V, H) in
     hidden's dtype; bias (V,) or None; ids (N,) int32/int64 in [0, V); logit_scale > 0; softcap > 0 or None.
     Returns:
-        logp (N,) fp32, differentiable to hidden/weight/bias (each only if it requires grad; no-grad
-        calls save nothing), and entropy (N,) fp32 detached, or None unless `with_entropy`.
+        logp (N,) fp32 and entropy (N,) fp32 (None unless `with_entropy`), differentiable to hidden/weight/bias
+        (each only if it requires grad; no-grad calls save nothing).
     """
     hidden, weight, ids = hidden.contiguous(), weight.contiguous(), ids.contiguous()
     bias = bias.contiguous() if bias is not None else None

@@ -58,29 +58,37 @@ def _round_to_bf16(x, ROUND: tl.constexpr):
 
 @triton.jit
 def _row_softmax_grad(
-    dst_ptr, row_ptr, target, g, lse, inv_temp, V, BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr,
-    post=1.0, SOFTCAP: tl.constexpr = False,
+    dst_ptr, row_ptr, target, g, g_ent, ent, lse, inv_temp, V,
+    BLOCK_V: tl.constexpr, ENT_GRAD: tl.constexpr, ROUND_BF16: tl.constexpr, post=1.0, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
-    """dst[:V] = g * (onehot(target) - exp(row / T - lse)) / T. A row with g == 0 is not read, only zeroed.
+    """dst[:V] = (g * (onehot(target) - p) - g_ent * p * (log p + ent)) / T with p = softmax(row / T):
+    the gradient of g * logp + g_ent * entropy (dH/dx_j = -p_j (log p_j + H)); g_ent only when ENT_GRAD.
     SOFTCAP (the fused linear backward's raw tile z, logit_transform.py): logits / T = post * tanh(inv_temp * z),
-    and dst = g * (onehot - softmax) * inv_temp * post * (1 - tanh^2).
-
-    dst_ptr may equal row_ptr (in place): each block is loaded before it is overwritten.
-    """
+    and the gradient is taken to z: times inv_temp * post * (1 - tanh^2) instead of 1 / T.
+    A row whose gradients are both 0 is not read, only zeroed. dst_ptr may equal row_ptr (in place): each
+    block is loaded before it is overwritten."""
     live = g != 0.0
+    if ENT_GRAD:
+        live = live | (g_ent != 0.0)
     n_read = tl.where(live, V, 0)
     scale = g * inv_temp
+    scale_ent = g_ent * inv_temp
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         idx = start + cols
         valid = idx < V
         x = tl.load(row_ptr + idx, mask=idx < n_read, other=0.0).to(tl.float32)  # (BLOCK_V,)
-        onehot = tl.where(idx == target, 1.0, 0.0)
         if SOFTCAP:
             t, slope = tanh_and_slope(x * inv_temp)
-            d = (scale * post) * slope * (onehot - tl.exp(post * t - lse))
+            log_p = post * t - lse
         else:
-            d = scale * (onehot - tl.exp(x * inv_temp - lse))
+            log_p = x * inv_temp - lse
+        p = tl.exp(log_p)
+        d = scale * (tl.where(idx == target, 1.0, 0.0) - p)
+        if ENT_GRAD:
+            d -= scale_ent * tl.where(p > 0.0, p * (log_p + ent), 0.0)  # a -inf logit has p = 0: no 0 * -inf
+        if SOFTCAP:
+            d = d * (post * slope)
         d = tl.where(live, d, 0.0)
         tl.store(dst_ptr + idx, _round_to_bf16(d, ROUND_BF16).to(dst_ptr.dtype.element_ty), mask=valid)
 
@@ -113,15 +121,18 @@ def _fwd_kernel(
 def _bwd_kernel(
     dlogits_ptr,
     grad_ptr,
+    grad_ent_ptr,
     logits_ptr,
     ids_ptr,
     lse_ptr,
+    ent_ptr,
     inv_temp,
     stride_n,
     stride_dn,
     V,
     post,
     BLOCK_V: tl.constexpr,
+    ENT_GRAD: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     SOFTCAP: tl.constexpr,
 ):
@@ -129,9 +140,16 @@ def _bwd_kernel(
     g = tl.load(grad_ptr + row).to(tl.float32)
     target = tl.load(ids_ptr + row)
     lse = tl.load(lse_ptr + row)
+    g_ent = 0.0
+    ent = 0.0
+    if ENT_GRAD:
+        g_ent = tl.load(grad_ent_ptr + row).to(tl.float32)
+        ent = tl.load(ent_ptr + row)
     dst_ptr = dlogits_ptr + row * stride_dn
-    row_ptr = logits_ptr + row * stride_n
-    _row_softmax_grad(dst_ptr, row_ptr, target, g, lse, inv_temp, V, BLOCK_V, ROUND_BF16, post, SOFTCAP)
+    _row_softmax_grad(
+        dst_ptr, logits_ptr + row * stride_n, target, g, g_ent, ent, lse, inv_temp, V, BLOCK_V, ENT_GRAD, ROUND_BF16,
+        post, SOFTCAP,
+    )  # fmt: skip
 
 
 def launch_config(V: int) -> tuple[int, int]:
@@ -170,44 +188,62 @@ def forward_rows(logits2d: torch.Tensor, ids1d: torch.Tensor, temperature: float
 
 
 def backward_rows(
-    grad_logp, logits2d, ids1d, lse, temperature: float, inplace: bool, head: tuple = (1.0, None)
+    grad_logp,
+    logits2d,
+    ids1d,
+    lse,
+    temperature: float,
+    inplace: bool,
+    grad_ent=None,
+    ent=None,
+    head: tuple = (1.0, None),
 ) -> torch.Tensor:
-    """dlogits (N, V) in the logits' dtype; into the logits buffer itself when `inplace`.
-    head = (logit_scale, softcap): the rows hold z and the logits are f(z) (logit_transform.py); dz is written."""
+    """dlogits (N, V) in the logits' dtype of sum(grad_logp * logp + grad_ent * entropy) (grad_ent and the
+    forward's entropy `ent` (N,) fp32 only when the entropy is differentiated); into the logits buffer when
+    `inplace`. head = (logit_scale, softcap): the rows hold z and the logits are f(z) (logit_transform.py); dz
+    is written."""
     N, V = logits2d.shape
     dlogits = logits2d if inplace else torch.empty_like(logits2d)  # the only N*V allocation
     grad = grad_logp.reshape(-1).contiguous()
+    ent_grad = grad_ent is not None
+    if ent_grad:
+        grad_ent, ent = grad_ent.reshape(-1).float().contiguous(), ent.contiguous()
     pre, post, softcap = head_constants(temperature, *head)
     if N:
         block, warps = launch_config(V)
         _bwd_kernel[(N,)](
-            dlogits, grad, logits2d, ids1d, lse, pre, logits2d.stride(0), dlogits.stride(0), V, post,
-            BLOCK_V=block, ROUND_BF16=round_bf16(dlogits), SOFTCAP=softcap, num_warps=warps,
+            dlogits, grad, grad_ent if ent_grad else grad, logits2d, ids1d, lse, ent if ent_grad else lse,
+            pre, logits2d.stride(0), dlogits.stride(0), V, post,
+            BLOCK_V=block, ENT_GRAD=ent_grad, ROUND_BF16=round_bf16(dlogits), SOFTCAP=softcap, num_warps=warps,
         )  # fmt: skip
     return dlogits
 
 
 class SelectiveLogSoftmax(torch.autograd.Function):
-    """(N, V) logits, (N,) ids -> (logp (N,) fp32, entropy (N,) fp32 or empty, not differentiable)."""
+    """(N, V) logits, (N,) ids -> (logp (N,) fp32, entropy (N,) fp32 or empty). Both are differentiable:
+    backward reads the logits once more and writes dlogits once, with the entropy's term when it has a gradient."""
 
     @staticmethod
     def forward(ctx, logits2d, ids1d, temperature: float, with_entropy: bool, inplace_backward: bool):
+        ctx.set_materialize_grads(False)  # an entropy used only for metrics brings no gradient term
         logp, lse, ent = forward_rows(logits2d, ids1d, temperature, with_entropy)
         ent = ent if with_entropy else logp.new_empty(0)
         if inplace_backward:  # backward writes dlogits into the buffer; the caller marks it consumed
             inplace.hold(ctx, logits2d)
-            ctx.save_for_backward(ids1d, lse)
+            ctx.save_for_backward(ids1d, lse, ent)
         else:
-            ctx.save_for_backward(ids1d, lse, logits2d)  # O(N) saved besides the logits themselves
+            ctx.save_for_backward(ids1d, lse, ent, logits2d)  # O(N) saved besides the logits themselves
         ctx.temperature, ctx.inplace = temperature, inplace_backward
-        ctx.mark_non_differentiable(ent)
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
         return logp, ent
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_ent):
-        ids1d, lse, *rest = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_ent):
+        ids1d, lse, ent, *rest = ctx.saved_tensors
         logits2d = inplace.held(ctx) if ctx.inplace else rest[0]
-        dlogits = backward_rows(grad_logp.float(), logits2d, ids1d, lse, ctx.temperature, ctx.inplace)
+        grad_logp = lse.new_zeros(lse.shape) if grad_logp is None else grad_logp.float()
+        dlogits = backward_rows(grad_logp, logits2d, ids1d, lse, ctx.temperature, ctx.inplace, grad_ent, ent)
         return dlogits, None, None, None, None
 
 

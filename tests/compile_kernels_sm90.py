@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import io
 import itertools
@@ -39,6 +40,7 @@ from grpo_fast import kernels as kernels_pkg
 from grpo_fast.kernels import fused_linear_grpo as fl
 from grpo_fast.kernels import grpo_loss as gl
 from grpo_fast.kernels import selective_log_softmax as sls
+from grpo_fast.reference import LossOptions
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100: sm_90, warp size 32
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64"}
@@ -168,6 +170,10 @@ def selective_launches() -> list[Launch]:
         out += record(sls.forward_rows, logits, ids, 1.0, True, case=case + " entropy", main=main)
         out += record(sls.backward_rows, _t(4096), logits, ids, _t(4096), 1.0, False, case=case, main=main)
         out += record(sls.backward_rows, _t(4096), logits, ids, _t(4096), 1.0, True, case=case + " inplace")
+        out += record(
+            sls.backward_rows, _t(4096), logits, ids, _t(4096), 1.0, False, _t(4096), _t(4096),
+            case=case + " entropy gradient", main=main,
+        )  # fmt: skip
     logits = _t(4096, 151936, dtype=torch.float16)
     ids = _t(4096, dtype=torch.int32)
     out += record(sls.forward_rows, logits, ids, 1.0, True, case="fp16 V=151936 int32 ids")
@@ -175,7 +181,9 @@ def selective_launches() -> list[Launch]:
     return out
 
 
-GRPO_FLAGS = ("adv", "old", "ref", "beta", "delta", "grad")  # adv: given | group | batch | none
+GRPO_FLAGS = ("adv", "old", "ref", "beta", "delta", "grad", "kind", "bias_kl", "is", "bonus")
+# adv: given | group | batch | none; kind: the surrogate (clip | cispo | sapo); is: vLLM ratios none | token | row
+KINDS = {"clip": "dapo", "cispo": "cispo", "sapo": "sapo"}
 
 
 def _pairs(flags: tuple) -> set:
@@ -185,17 +193,21 @@ def _pairs(flags: tuple) -> set:
 def _grpo_flag_sets(full: bool) -> list[tuple]:
     """Flag tuples (GRPO_FLAGS order): the training combinations, then (greedily) more until every value
     pair of every two flags is covered; `full`: the whole product. beta != 0 needs ref_logps (checks.py)."""
-    advs = ("given", "group", "batch", "none")
-    product = [f for f in itertools.product(advs, *[(False, True)] * 5) if f[2] or not f[3]]
+    advs, bools = ("given", "group", "batch", "none"), (False, True)
+    domains = (advs, bools, bools, bools, bools, bools, tuple(KINDS), bools, ("none", "token", "row"), bools)
+    product = [f for f in itertools.product(*domains) if f[2] or not f[3]]
     if full:
         return product
+    base = ("clip", False, "none", False)
     chosen = [  # TRL's defaults (beta 0, old = current), with KL, with old and delta, eval / old / ref passes
-        ("group", False, False, False, False, True),
-        ("group", True, True, True, False, True),
-        ("group", True, True, True, True, True),
-        ("given", False, False, False, False, True),
-        ("group", False, False, False, False, False),
-        ("given", False, True, False, False, False),
+        ("group", False, False, False, False, True, *base),
+        ("group", True, True, True, False, True, *base),
+        ("group", True, True, True, True, True, *base),
+        ("given", False, False, False, False, True, *base),
+        ("group", False, False, False, False, False, *base),
+        ("given", False, True, False, False, False, *base),
+        ("given", True, True, True, False, True, "clip", True, "token", False),  # TRL 1.16's vLLM defaults
+        ("given", True, False, False, False, True, "cispo", False, "none", False),  # CISPO
     ]
     todo = set().union(*map(_pairs, product)) - set().union(*map(_pairs, chosen))
     while todo:
@@ -206,16 +218,18 @@ def _grpo_flag_sets(full: bool) -> list[tuple]:
 
 
 def _grpo_call(logits, ids, mask, flags: tuple):
-    adv, old, ref, beta, delta, grad = flags
+    adv, old, ref, beta, delta, grad, kind, bias_kl, is_mode, bonus = flags
     B, T, _ = logits.shape
-    kw = dict(old_logps=_t(B, T) if old else None, ref_logps=_t(B, T) if ref else None, beta=0.04 if beta else 0.0)
-    kw.update(delta=2.0 if delta else None, epsilon_high=0.28)
+    kw = dict(old_logps=_t(B, T) if old else None, ref_logps=_t(B, T) if ref else None)
+    kw.update(importance_sampling_ratio={"none": None, "token": _t(B, T), "row": _t(B, 1)}[is_mode])
+    opts = LossOptions(loss_type=KINDS[kind], beta=0.04 if beta else 0.0, delta=2.0 if delta else None)
+    opts = dataclasses.replace(opts, epsilon_high=0.28, use_bias_correction_kl=bias_kl, entropy_coef=0.01 * bonus)
     if adv == "given":
         kw.update(advantages=_t(B))
     else:
         kw.update(rewards=_t(B), group_size=8, scale_rewards=adv)
     with torch.set_grad_enabled(grad):
-        gl.grpo_loss(logits.requires_grad_(grad), ids, mask, **kw)
+        gl.grpo_loss(logits.requires_grad_(grad), ids, mask, opts, **kw)
 
 
 def grpo_launches(full: bool) -> list[Launch]:
@@ -230,7 +244,7 @@ def grpo_launches(full: bool) -> list[Launch]:
             call.tags = dict(zip(GRPO_FLAGS, flags))
         out += calls
     for dtype, (T, V) in itertools.product((torch.bfloat16, torch.float32), ((16384, 151936), (777, 50257))):
-        flags = ("group", True, True, True, False, True)
+        flags = ("group", True, True, True, False, True, "clip", False, "none", False)
         logits, ids, mask = _t(16, T, V, dtype=dtype), _t(16, T, dtype=torch.int64), _t(16, T)
         out += record(_grpo_call, logits, ids, mask, flags, case=f"{DTYPES[dtype]} T={T} V={V} training")
         logits = _t(16, T, V, dtype=dtype, grad=True)
@@ -239,7 +253,8 @@ def grpo_launches(full: bool) -> list[Launch]:
 
 
 def _gspo_call(logits, ids, mask):
-    loss, _ = gl.grpo_loss(logits, ids, mask, rewards=_t(16), group_size=8, importance_sampling_level="sequence")
+    opts = LossOptions(importance_sampling_level="sequence", entropy_coef=0.01)  # two passes, entropy gradient
+    loss, _ = gl.grpo_loss(logits, ids, mask, opts, rewards=_t(16), group_size=8)
     loss.backward()
 
 
@@ -272,6 +287,10 @@ def fused_linear_launches() -> list[Launch]:
         tile, ids = _t(C, vc, dtype=dtype), _t(C, dtype=torch.int64)
         case = f"backward tile {DTYPES[dtype]} ({C}, {vc}) of V={V}" + (" softcap" if head[1] else "")
         out += record(sls.backward_rows, _t(C), tile, ids, _t(C), 1.0, True, head=head, case=case, main=True)
+        ent = (_t(C), _t(C))  # the entropy bonus' gradient term
+        out += record(
+            sls.backward_rows, _t(C), tile, ids, _t(C), 1.0, True, *ent, head=head, case=case + " entropy", main=True
+        )
     return out
 
 

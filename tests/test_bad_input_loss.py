@@ -64,6 +64,27 @@ LOSS_CASES = [
      "completion_ids"),
     ("mask-other-device", dict(completion_mask=torch.ones(B, T, device=OTHER)), ValueError, "completion_mask"),
     ("old-logps-other-device", dict(old_logps=torch.zeros(B, T, device=OTHER)), ValueError, "old_logps"),
+    # TRL's other loss options
+    ("option-unknown", dict(epsilon_low=0.2), TypeError, "epsilon_low"),
+    ("sapo-temperature-zero", dict(loss_type="sapo", sapo_temperature_neg=0.0), ValueError, "sapo_temperature_neg"),
+    ("vespo-k-nan", dict(vespo_k_pos=float("nan")), ValueError, "vespo_k_pos"),
+    ("entropy-quantile-above-1", dict(top_entropy_quantile=1.5), ValueError, "top_entropy_quantile"),
+    ("entropy-quantile-negative", dict(top_entropy_quantile=-0.1), ValueError, "top_entropy_quantile"),
+    ("entropy-coef-inf", dict(entropy_coef=float("inf")), ValueError, "entropy_coef"),
+    ("off-policy-threshold-str", dict(off_policy_mask_threshold="0.5"), ValueError, "off_policy_mask_threshold"),
+    ("bias-correction-not-bool", dict(use_bias_correction_kl=1), TypeError, "use_bias_correction_kl"),
+    ("sampling-logps-shape", dict(sampling_logps=torch.zeros(B, T + 1)), ValueError, "sampling_logps"),
+    ("is-ratio-shape", dict(importance_sampling_ratio=torch.ones(B)), ValueError, "importance_sampling_ratio"),
+    ("is-ratio-cols", dict(importance_sampling_ratio=torch.ones(B, 2)), ValueError, "importance_sampling_ratio"),
+    ("is-ratio-negative", dict(importance_sampling_ratio=-torch.ones(B, T)), ValueError, "importance_sampling_ratio"),
+    ("is-ratio-nan-active", dict(importance_sampling_ratio=torch.full((B, 1), float("nan"))), ValueError,
+     "importance_sampling_ratio"),
+    ("is-ratio-int", dict(importance_sampling_ratio=torch.ones(B, T, dtype=torch.int64)), TypeError,
+     "importance_sampling_ratio"),
+    ("vespo-row-is-ratio", dict(loss_type="vespo", importance_sampling_ratio=torch.ones(B, 1)), ValueError,
+     "importance_sampling_ratio"),
+    ("is-ratio-other-device", dict(importance_sampling_ratio=torch.ones(B, T, device=OTHER)), ValueError,
+     "importance_sampling_ratio"),
 ]  # fmt: skip
 
 
@@ -77,8 +98,15 @@ def test_grpo_loss_rejects(changes, error, name):
 
 
 def test_valid_inputs_pass():
-    """The base of every case above is itself valid: the errors come from the one change."""
+    """The base of every case above is itself valid: the errors come from the one change. So is NaN where
+    a token is masked in the per-token companions (it never counts)."""
     kw = valid_loss_inputs()
+    loss, _ = grpo_fast.grpo_loss(kw.pop("logits"), kw.pop("completion_ids"), kw.pop("completion_mask"), **kw)
+    assert torch.isfinite(loss)
+    kw = valid_loss_inputs()
+    kw["completion_mask"][1, 2] = 0
+    ratio = torch.ones(B, T).index_put_((torch.tensor(1), torch.tensor(2)), torch.tensor(float("nan")))
+    kw.update(importance_sampling_ratio=ratio, sampling_logps=torch.full((B, T), float("nan")))
     loss, _ = grpo_fast.grpo_loss(kw.pop("logits"), kw.pop("completion_ids"), kw.pop("completion_mask"), **kw)
     assert torch.isfinite(loss)
 
@@ -118,3 +146,38 @@ def test_group_advantages_rejects(changes, error, name):
     kw.update(changes)
     with pytest.raises(error, match=name):
         grpo_fast.group_advantages(**kw)
+
+
+IS_CASES = [
+    ("mode-unknown", dict(mode="token"), ValueError, "mode"),
+    ("truncate-without-bounds", dict(mode="token_truncate", clip_max=None), ValueError, "clip_min or clip_max"),
+    ("bounds-crossed", dict(clip_min=3.0, clip_max=2.0), ValueError, "clip_min"),
+    ("bound-negative", dict(clip_min=-1.0), ValueError, "clip_min"),
+    ("sampling-shape", dict(sampling_logps=torch.zeros(B, T + 1)), ValueError, "sampling_logps"),
+    ("old-int", dict(old_logps=torch.zeros(B, T, dtype=torch.int64)), TypeError, "old_logps"),
+]
+
+
+@pytest.mark.parametrize("changes,error,name", [c[1:] for c in IS_CASES], ids=[c[0] for c in IS_CASES])
+def test_importance_sampling_ratio_rejects(changes, error, name):
+    kw = dict(old_logps=torch.randn(B, T), sampling_logps=torch.randn(B, T), completion_mask=torch.ones(B, T))
+    kw.update(changes)
+    with pytest.raises(error, match=name):
+        grpo_fast.importance_sampling_ratio(**kw)
+
+
+TABLE_CASES = [
+    ("rewards-1d", dict(rewards=torch.zeros(B)), ValueError, "rewards"),
+    ("rewards-inf", dict(rewards=torch.tensor([[1.0, float("inf")]] * B)), ValueError, "rewards"),
+    ("weights-shape", dict(reward_weights=torch.ones(3)), ValueError, "reward_weights"),
+    ("aggregation-unknown", dict(multi_objective_aggregation="mean"), ValueError, "multi_objective_aggregation"),
+    ("group-size-not-dividing", dict(group_size=3), ValueError, "group_size"),
+]
+
+
+@pytest.mark.parametrize("changes,error,name", [c[1:] for c in TABLE_CASES], ids=[c[0] for c in TABLE_CASES])
+def test_multi_objective_advantages_rejects(changes, error, name):
+    kw = dict(rewards=torch.tensor([[1.0, float("nan")], [0.0, 1.0], [0.5, 0.2], [0.5, 0.3]]), group_size=2)
+    kw.update(changes)
+    with pytest.raises(error, match=name):
+        grpo_fast.multi_objective_advantages(**kw)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+import variants
 
 import grpo_fast
 from grpo_fast import fused_linear, reference
@@ -97,7 +98,7 @@ def _check_against_reference(hidden, weight, bias, ids, mask, kwargs, rtol=1e-4,
 
 
 @pytest.mark.parametrize("path_device", PATHS, indirect=True)
-@pytest.mark.parametrize("loss_type", reference.LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", ("grpo", "bnpo", "dr_grpo", "dapo"))
 @pytest.mark.parametrize("level", reference.IMPORTANCE_LEVELS)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_loss_matches_reference(path_device, loss_type, level, beta):
@@ -112,6 +113,50 @@ def test_loss_matches_reference(path_device, loss_type, level, beta):
     if level == "token":  # the inputs hit every clip branch
         assert 0 < float(metrics["clip_ratio_low"]) and 0 < float(metrics["clip_ratio_high"])
         assert float(metrics["clip_ratio_region"]) < 1
+
+
+@pytest.mark.parametrize("path_device", PATHS, indirect=True)
+@pytest.mark.parametrize("name", list(variants.VARIANTS))
+def test_variants_match_reference(path_device, name):
+    """Every TRL option beyond the base four (tests/variants.py): dHidden, dWeight, dBias and the metrics."""
+    hidden, weight, bias = _head(path_device)
+    ids, mask, rewards, old, ref = _batch(hidden, weight, bias, 0.7)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    kwargs = dict(rewards=rewards, group_size=2, old_logps=old, ref_logps=ref, temperature=0.7)
+    kwargs.update(variants.options(name), **variants.tensors(name, old, mask))
+    _check_against_reference(hidden, weight, bias, ids, mask, kwargs)
+
+
+@pytest.mark.parametrize("path_device", PATHS, indirect=True)
+def test_entropy_quantile_over_processes(path_device):
+    """Two "processes" holding half the rows each, entropy_gather handing each the other's entropies and
+    dapo normalized by the global tokens: their losses add up to the whole batch's, their dHidden rows are
+    its rows, and both rank every token against the same global threshold (as TRL gathers)."""
+    hidden, weight, bias = _head(path_device)
+    ids, mask, rewards, old, _ = _batch(hidden, weight, bias, 0.7)
+    adv = reference.group_advantages(rewards, 2)
+    kw = dict(old_logps=old, top_entropy_quantile=0.3, num_items_in_batch=mask.sum(), temperature=0.7)
+
+    def call(rows, gather=None):
+        h = hidden[rows].detach().clone().requires_grad_()
+        part = {k: (v[rows] if torch.is_tensor(v) and v.dim() else v) for k, v in kw.items()}
+        loss, metrics = grpo_fast.fused_linear_grpo_loss(
+            h, weight, ids[rows], mask[rows], bias=bias, advantages=adv[rows], entropy_gather=gather, **part
+        )
+        return loss, metrics, torch.autograd.grad(loss, h)[0]
+
+    loss, metrics, grad = call(slice(None))
+    halves, local = (slice(0, 2), slice(2, 4)), {}
+    for i, rows in enumerate(halves):  # what each process holds
+        call(rows, lambda x, i=i: local.setdefault(i, x))
+    everyone = lambda x: torch.cat([local[0], local[1]])  # noqa: E731
+    parts = [call(rows, everyone) for rows in halves]
+    torch.testing.assert_close(parts[0][0] + parts[1][0], loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.cat([p[2] for p in parts]), grad, rtol=1e-6, atol=1e-7)
+    for p in parts:
+        assert p[1]["entropy_threshold"] == metrics["entropy_threshold"]
+    assert 0 < metrics["entropy_mask_ratio"] < 1
 
 
 @pytest.mark.parametrize("path_device", PATHS, indirect=True)
@@ -134,6 +179,20 @@ def test_bf16_inputs(path_device):
     for t in (hidden, weight, bias):
         t.requires_grad_()
     kwargs = dict(rewards=rewards, group_size=4, old_logps=old, ref_logps=ref, beta=0.1, temperature=0.9)
+    _check_against_reference(hidden, weight, bias, ids, mask, kwargs, rtol=2e-3)
+
+
+@pytest.mark.parametrize("path_device", PATHS, indirect=True)
+@pytest.mark.parametrize("name", ["one-pass-all", "entropy-bonus-sapo", "vespo-is", "off-policy", "luspo-seq"])
+def test_variants_bf16(path_device, name):
+    """bf16 hidden and head with TRL's other options, the entropy bonus' backward term included (no entropy
+    quantile: a rank is not stable under bf16 rounding)."""
+    hidden, weight, bias = _head(path_device, dtype=torch.bfloat16)
+    ids, mask, rewards, old, ref = _batch(hidden, weight, bias, 0.9)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    kwargs = dict(rewards=rewards, group_size=2, old_logps=old, ref_logps=ref, temperature=0.9)
+    kwargs.update(variants.options(name), **variants.tensors(name, old, mask))
     _check_against_reference(hidden, weight, bias, ids, mask, kwargs, rtol=2e-3)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import variants
 
 import grpo_fast
 from grpo_fast import backend, reference
@@ -274,3 +275,78 @@ def test_options(path, kw, monkeypatch, device):
     assert_matches(
         run(grpo_fast.grpo_loss, case.logits, case, **inputs(case, **kw)), run_reference(case, **kw), case, level
     )
+
+
+def _variant(case: Case, name: str) -> dict:
+    """grpo_loss keywords of a TRL option variant (tests/variants.py) on `case`."""
+    return dict(variants.options(name), **variants.tensors(name, case.old, case.mask))
+
+
+def _assert_variant(got, want, case: Case, name: str, torch_own=None) -> None:
+    level = variants.options(name).get("importance_sampling_level", "token")
+    assert_matches(got, want, case, level, torch_own)
+    assert set(got[1]) == set(want[1]), (sorted(got[1]), sorted(want[1]))
+    extra = [k for k in want[1] if k not in METRICS]
+    for k in extra:  # policy_loss, cispo_clip_ratio, vespo_phi_seq_mean, entropy_threshold / _mask_ratio
+        count = case.mask.shape[0] if level == "sequence" or k == "vespo_phi_seq_mean" else case.mask.sum().item()
+        atol = (1.01 / count if "ratio" in k else 2e-3) if torch_own is not None else 1e-5
+        torch.testing.assert_close(got[1][k].double(), want[1][k].double(), rtol=1e-4, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", list(variants.VARIANTS))
+def test_variants_fp32(path, name, monkeypatch, device):
+    """Every TRL option beyond the base four, forward and backward; on the Triton path the per-token ones
+    must take the one-pass kernel and the others the two-pass route."""
+    use_path(path, monkeypatch, device)
+    case = make_case(B=4, T=5, device=device)
+    kw = _variant(case, name)
+    want = run_reference(case, **kw)
+    x = case.logits.detach().clone().requires_grad_()
+    loss, metrics = grpo_fast.grpo_loss(x, case.ids, case.mask, **inputs(case, **kw))
+    if path == "triton":  # one launch, or the selective log-softmax's forward and backward around torch terms
+        route = "_GRPOTokenLossBackward" if variants.one_pass(name) else "SelectiveLogSoftmaxBackward"
+        assert route in _graph(loss.grad_fn), _graph(loss.grad_fn)
+    loss.backward()
+    _assert_variant((loss.detach(), metrics, x.grad), want, case, name)
+
+
+def _graph(fn) -> set[str]:
+    """Names of the autograd nodes behind `fn`."""
+    seen, todo = set(), [fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [nxt for nxt, _ in node.next_functions]
+    return {type(node).__name__ for node in seen}
+
+
+BF16_VARIANTS = [n for n in variants.VARIANTS if "quantile" not in n]  # an entropy rank is not bf16-stable
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", BF16_VARIANTS)
+def test_variants_bf16(path, name, monkeypatch, device):
+    use_path(path, monkeypatch, device)
+    case = make_case(B=4, T=5, dtype=torch.bfloat16, device=device)
+    kw = _variant(case, name)
+    want = run_reference(case, **kw)
+    torch_own = run_reference(case, torch.bfloat16, **kw)
+    got = run(grpo_fast.grpo_loss, case.logits, case, **inputs(case, **kw))
+    _assert_variant(got, want, case, name, torch_own)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", ["entropy-bonus", "two-pass-all", "one-pass-all"])
+def test_variants_inplace_and_all_masked(path, name, monkeypatch, device):
+    """inplace_backward (on a non-leaf buffer, as a model's output) gives the same gradient; an all-masked row
+    gets none, and finite metrics."""
+    use_path(path, monkeypatch, device)
+    case = make_case(B=4, T=5, device=device, lengths=[5, 0, 3, 4])
+    kw = inputs(case, **_variant(case, name))
+    loss, metrics, grad = run(grpo_fast.grpo_loss, case.logits, case, **kw)
+    assert grad[1].abs().max() == 0 and torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
+    x = case.logits.clone().requires_grad_()
+    grpo_fast.grpo_loss(x * 1, case.ids, case.mask, inplace_backward=True, **kw)[0].backward()
+    torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)

@@ -24,6 +24,7 @@ MAX_SHARED = 232448  # bytes of shared memory one H100 block may use
 REGISTER_FILE = 65536  # 32-bit registers per SM: one block of num_warps * 32 threads must fit
 GPU_NEVER = {"ROUND_BF16": False}  # an interpreter-only rounding fix: always False on a GPU
 GRPO_FLAGS = ("ADV_MODE", "HAS_OLD", "HAS_REF", "USE_BETA", "HAS_DELTA", "COMPUTE_GRAD")
+GRPO_FLAGS += ("LOSS_KIND", "BIAS_KL", "IS_MODE", "ENT_BONUS")
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,9 @@ def test_every_flag_takes_every_gpu_value(compiled):
         if all(isinstance(v, bool) for v in got):
             want = {GPU_NEVER[name]} if name in GPU_NEVER else {False, True}
             assert got == want, f"{kernel} {name}: compiled with {got}, expected {want}"
-    adv_modes = values[("grpo_loss._grpo_token_kernel", "ADV_MODE")]
-    assert adv_modes == {0, 1, 2, 3}, adv_modes
+    for name, want in (("ADV_MODE", {0, 1, 2, 3}), ("LOSS_KIND", {0, 1, 2}), ("IS_MODE", {0, 1, 2})):
+        got = values[("grpo_loss._grpo_token_kernel", name)]
+        assert got == want, (name, got)
 
 
 def test_grpo_flags_pairwise(compiled):
@@ -81,7 +83,7 @@ def test_grpo_flags_pairwise(compiled):
         for r in compiled["results"]
         if r["kernel"] == "grpo_loss._grpo_token_kernel"
     }
-    domains = [(0, 1, 2, 3)] + [(False, True)] * 5
+    domains = [(0, 1, 2, 3)] + [(False, True)] * 5 + [(0, 1, 2), (False, True), (0, 1, 2), (False, True)]
     possible = [c for c in itertools.product(*domains) if c[2] or not c[3]]  # USE_BETA implies HAS_REF
     pairs = lambda cs: {p for c in cs for p in itertools.combinations(enumerate(c), 2)}  # noqa: E731
     assert pairs(possible) <= pairs(combos), f"uncovered pairs: {sorted(pairs(possible) - pairs(combos))}"

@@ -2,7 +2,9 @@
 
 A tiny Qwen2 (GQA, 2 layers) is saved with save_pretrained and loaded by path by both trainers; the
 batch comes from TRL's own generation and scoring, then gets off-policy old and reference log-probs
-(current + noise) so that ratios clip low, high and not at all. A tiny Gemma 2 (logit and attention
+(current + noise) so that ratios clip low, high and not at all, and the sampler's log-probs and vLLM
+importance ratios as TRL's vLLM path hands them to `_compute_loss` (no vLLM needed). Every TRL 1.16 loss
+option is compared alone and in the combinations published recipes use. A tiny Gemma 2 (logit and attention
 softcapping) and a tiny Granite (logits_scaling) check the heads whose logits are not hidden @ W^T.
 """
 
@@ -21,12 +23,22 @@ from peft import LoraConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig, PreTrainedTokenizerFast, Qwen2Config
 
+import grpo_fast
 from grpo_fast.integrations import trl as fast_trl
 from grpo_fast.integrations.trl import FastGRPOTrainer
+from grpo_fast.reference import CLIP_LOSS_TYPES, IS_MODES, LOSS_TYPES
 
 VOCAB = 71  # prime: not a multiple of any tile size
 METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
-METRICS += ("clip_ratio/low_min", "clip_ratio/high_max")
+METRICS += ("clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio", "vespo/phi_seq_mean")
+METRICS += ("policy_loss", "entropy_coef")
+# options TRL reads from the trainer itself; the others from trainer.args
+TRAINER_ATTRS = ("loss_type", "beta", "epsilon_low", "epsilon_high", "importance_sampling_level")
+TRAINER_ATTRS += ("off_policy_mask_threshold", "top_entropy_quantile", "entropy_coef", "_entropy_bonus_enabled")
+TRAINER_ATTRS += ("use_adaptive_entropy", "_last_world_entropy", "_entropy_window_stats", "use_vllm")
+TRAINER_ATTRS += ("vllm_importance_sampling_correction",)
+ARGS_ATTRS = ("delta", "use_bias_correction_kl", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos")
+ARGS_ATTRS += ("vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_target", "entropy_coef_delta")
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -73,7 +85,7 @@ def _reward(completions, **kwargs) -> list[float]:
 
 def _trainer(cls, model_path: str, out, peft_config=None, **config):
     args = dict(per_device_train_batch_size=4, num_generations=2, max_completion_length=7, beta=0.04)
-    args |= dict(use_bias_correction_kl=False)  # the IS-weighted KL is not fused; rejected when beta != 0
+    args |= dict(use_bias_correction_kl=False)  # TRL's default is True: its tests set it explicitly
     args |= dict(gradient_accumulation_steps=2, bf16=False, report_to="none", save_strategy="no", logging_steps=1)
     args |= config
     prompts = Dataset.from_dict({"prompt": [f"w{i} w{i + 3} w{i + 7}" for i in range(2, 10)]})
@@ -123,7 +135,46 @@ def _off_policy_batch(ref) -> dict:
     batch["completion_mask"] = (torch.arange(T) < lengths).long()  # (B, T)
     batch["completion_ids"] = batch["completion_ids"].masked_fill(batch["completion_mask"] == 0, 0)
     batch["num_items_in_batch"] = batch["completion_mask"].sum()
+    # the sampler's own log-probs (vLLM's): old + noise, one token it could not score
+    batch["sampling_per_token_logps"] = batch["old_per_token_logps"] + 0.1 * torch.randn(B, T)
+    batch["sampling_per_token_logps"][0, 2] = math.nan
     return batch
+
+
+def _vllm_batch(batch, mode: str) -> dict:
+    """The batch as TRL's vLLM path hands it over: with the importance ratios of `mode`, whose bounds bind
+    on this batch (token ratios lie in ~[0.9, 1.2], row ratios in ~[1.0, 1.65])."""
+    clip = (0.95, 1.1) if mode.startswith("token") else (1.005, 1.4)
+    args = (batch["old_per_token_logps"], batch["sampling_per_token_logps"], batch["completion_mask"], mode)
+    ratio, _ = grpo_fast.importance_sampling_ratio(*args, *clip)
+    active = ratio[batch["completion_mask"].bool()] if mode.startswith("token") else ratio
+    bound = (active == 0) if mode.endswith("mask") else (active == clip[0]) | (active == clip[1])
+    assert 0 < bound.sum() < bound.numel()
+    return dict(batch, importance_sampling_ratio=ratio)
+
+
+@pytest.fixture
+def configure(trainers):
+    """Sets TRL options on both trainers (on the trainer or its args, where TRL reads them); restored after."""
+    saved = [
+        (t, {n: getattr(t, n) for n in TRAINER_ATTRS}, {n: getattr(t.args, n) for n in ARGS_ATTRS}) for t in trainers
+    ]
+
+    def apply(**options):
+        for t in trainers:
+            for name, value in options.items():
+                setattr(t if name in TRAINER_ATTRS else t.args, name, value)
+                if name == "epsilon":
+                    t.epsilon_low = value
+                if name == "entropy_coef":
+                    t._entropy_bonus_enabled = value != 0.0 or t.use_adaptive_entropy
+
+    yield apply
+    for t, attrs, args in saved:
+        for name, value in attrs.items():
+            setattr(t, name, value)
+        for name, value in args.items():
+            setattr(t.args, name, value)
 
 
 def _step(trainer, batch, **options):
@@ -134,8 +185,9 @@ def _step(trainer, batch, **options):
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k in METRICS}
-    return loss.detach(), grads, metrics
+    logged = trainer._metrics["train"]
+    assert set(logged) <= set(METRICS), set(logged) - set(METRICS)
+    return loss.detach(), grads, {k: v[-1] for k, v in logged.items()}
 
 
 def _assert_close_metrics(got: dict, want: dict) -> None:
@@ -156,11 +208,17 @@ def _assert_same_step(ref, fast, batch, **options) -> dict:
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_loss_and_grads_match_trl(trainers, batch, loss_type, level):
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_and_grads_match_trl(trainers, batch, configure, loss_type, level):
+    configure(epsilon_high=1.3 if loss_type == "cispo" else 0.28)  # cispo: the cap; binds on this batch
     metrics = _assert_same_step(*trainers, batch, loss_type=loss_type, importance_sampling_level=level, beta=0.04)
-    assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0  # every branch is hit
-    assert metrics["clip_ratio/region_mean"] < 1
+    if loss_type in CLIP_LOSS_TYPES:  # every branch is hit
+        assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0
+        assert metrics["clip_ratio/region_mean"] < 1
+    if loss_type == "cispo":
+        assert 0 < metrics["cispo_clip_ratio"] < 1
+    if loss_type == "vespo":
+        assert metrics["vespo/phi_seq_mean"] > 0
 
 
 @pytest.mark.parametrize("arch", TRANSFORMED_HEADS)
@@ -207,17 +265,95 @@ def test_lora_matches_trl_and_trains(model_path, batch, tmp_path):
     assert changed and all("lora_" in n for n in changed)
 
 
-def test_unsupported_options_raise(trainers, batch, model_path, tmp_path):
+OPTIONS = {  # each TRL option alone, on top of dapo at the token level
+    "bias-corrected-kl": dict(beta=0.04, use_bias_correction_kl=True),
+    "bias-corrected-kl-sequence": dict(beta=0.04, use_bias_correction_kl=True, importance_sampling_level="sequence"),
+    "top-entropy-quantile": dict(top_entropy_quantile=0.3),
+    "off-policy-mask": dict(off_policy_mask_threshold=0.05),
+    "entropy-bonus": dict(entropy_coef=0.05),
+    "sapo-temperatures": dict(loss_type="sapo", sapo_temperature_pos=1.5, sapo_temperature_neg=3.0),
+    "vespo-k-lambda": dict(loss_type="vespo", vespo_k_pos=1.0, vespo_lambda_pos=2.0, vespo_k_neg=2.0),
+}
+RECIPES = {
+    "dapo": dict(loss_type="dapo", epsilon=0.2, epsilon_high=0.28),  # DAPO (arXiv 2503.14476): clip-higher
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),  # GSPO
+    "cispo": dict(loss_type="cispo", epsilon_high=5.0),  # MiniMax-M1 / ScaleRL: epsilon_max = 5
+    "dr_grpo": dict(loss_type="dr_grpo", beta=0.0),  # Dr. GRPO (with scale_rewards="none" upstream)
+    "sapo": dict(loss_type="sapo", beta=0.04),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "80-20": dict(loss_type="dapo", epsilon_high=0.28, top_entropy_quantile=0.2),  # Beyond the 80/20 rule
+    "deepseek-v3.2": dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=True, off_policy_mask_threshold=0.05),
+    "everything": dict(loss_type="dapo", beta=0.04, use_bias_correction_kl=True, off_policy_mask_threshold=0.05)
+    | dict(top_entropy_quantile=0.4, entropy_coef=0.01, delta=1.5, epsilon_high=0.28),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS) + [f"recipe-{r}" for r in RECIPES])
+def test_options_and_recipes_match_trl(trainers, batch, configure, name):
+    configure(**(OPTIONS[name] if name in OPTIONS else RECIPES[name.removeprefix("recipe-")]))
+    _assert_same_step(*trainers, batch)
+
+
+@pytest.mark.parametrize("mode", IS_MODES)
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo", "vespo"])
+def test_vllm_importance_sampling_matches_trl(trainers, batch, configure, loss_type, mode):
+    """TRL's vLLM correction as _compute_loss consumes it: importance_sampling_ratio (and, for the off-policy
+    mask, sampling_per_token_logps) in the inputs, use_vllm and vllm_importance_sampling_correction set."""
+    if loss_type == "vespo" and mode.startswith("sequence"):
+        pytest.skip("TRL refuses vespo with the sequence-level IS modes")
+    configure(use_vllm=True, vllm_importance_sampling_correction=True, loss_type=loss_type, epsilon_high=1.3)
+    configure(off_policy_mask_threshold=0.05 if loss_type == "grpo" else None)
+    _assert_same_step(*trainers, _vllm_batch(batch, mode))
+
+
+@pytest.mark.parametrize("quantile", [1.0, 0.5])
+def test_adaptive_entropy_control_matches_trl(trainers, batch, configure, quantile):
+    """Two steps: the first applies no bonus (no entropy measured yet), then both controllers move
+    entropy_coef the same way and the second applies it."""
+    configure(use_adaptive_entropy=True, entropy_coef=0.02, entropy_target=10.0, entropy_coef_delta=0.01)
+    configure(top_entropy_quantile=quantile, _last_world_entropy=math.inf, _entropy_window_stats=None)
+    ref, fast = trainers
+    for _ in range(2):
+        _assert_same_step(ref, fast, batch)
+        assert fast.entropy_coef == ref.entropy_coef and fast._last_world_entropy == pytest.approx(
+            ref._last_world_entropy, rel=1e-6
+        )
+    assert fast.entropy_coef == pytest.approx(0.04) and fast._last_world_entropy < 10.0
+
+
+def test_eval_mode_matches_trl(trainers, batch, configure):
+    """Evaluation: no accumulation scaling, dapo's normalizer is the batch's own tokens."""
+    configure(loss_type="cispo", epsilon_high=1.3, entropy_coef=0.05)
+    for t in trainers:
+        t.model.eval()
+    try:
+        loss_r, metrics_r = _eval_step(trainers[0], batch)
+        loss_f, metrics_f = _eval_step(trainers[1], batch)
+    finally:
+        for t in trainers:
+            t.model.train()
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-7)
+    _assert_close_metrics(metrics_f, metrics_r)
+
+
+def _eval_step(trainer, batch):
+    trainer._metrics["eval"].clear()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+    return loss, {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+
+
+def test_unsupported_options_raise(trainers, batch):
+    """What the fused loss does not compute is refused by name: MoE router aux loss, images."""
     _, fast = trainers
-    fast.loss_type = "cispo"
-    with pytest.raises(ValueError, match="loss_type='cispo'"):
-        fast.compute_loss(fast.model, batch)
-    fast.loss_type, fast.args.use_bias_correction_kl = "dapo", True
-    with pytest.raises(ValueError, match="use_bias_correction_kl=True"):
-        fast.compute_loss(fast.model, batch)
-    fast.args.use_bias_correction_kl = False
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        _trainer(FastGRPOTrainer, model_path, tmp_path, top_entropy_quantile=0.5)
+    fast.aux_loss_enabled = True
+    try:
+        with pytest.raises(ValueError, match="router_aux_loss_coef"):
+            fast.compute_loss(fast.model, batch)
+    finally:
+        fast.aux_loss_enabled = False
+    with pytest.raises(ValueError, match="images"):
+        fast.compute_loss(fast.model, dict(batch, pixel_values=torch.zeros(1, 3, 4, 4)))
 
 
 def test_version_check_and_import_without_trl():

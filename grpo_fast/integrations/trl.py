@@ -9,16 +9,20 @@ go with the LM head weight into `grpo_fast.fused_linear_grpo_loss`, so neither t
 their gradient are ever in memory. The model is still called through its wrappers (DDP, DeepSpeed,
 PEFT, autocast) with an extra keyword read by a patched `forward`, as TRL itself does for its fused head.
 
-Supported: loss types grpo, bnpo, dr_grpo, dapo; importance sampling at token or sequence level; beta,
-epsilon, epsilon_high, delta, temperature, tool masks, LoRA (not on the LM head), scaled and soft-capped
-heads (Granite, Cohere, Gemma 2/3: `grpo_fast.logit_head` reads them, the fused ops apply them). Rejected at
-init with a ValueError naming the option: other loss types, vLLM importance-sampling correction, entropy masks
-and bonuses, off-policy masks, KL bias correction, MoE aux loss, vision-language models, a logit transform
+Supported: all of TRL 1.16's loss options: loss types grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo,
+vespo (with their knobs); importance sampling at token or sequence level; beta, epsilon, epsilon_high,
+delta, temperature; use_bias_correction_kl; top_entropy_quantile (ranked over every process' tokens, as
+TRL); off_policy_mask_threshold; the vLLM importance-sampling correction (every vllm_importance_sampling_mode:
+the ratios TRL computes at generation are applied in the fused loss); entropy_coef and adaptive entropy
+control (TRL's host-side controller, reproduced here); tool masks; LoRA (not on the LM head); scaled and
+soft-capped heads (Granite, Cohere, Gemma 2/3: `grpo_fast.logit_head` reads them, the fused ops apply them).
+Rejected with a ValueError naming the option: MoE router aux loss, vision-language models, a logit transform
 `logit_head` cannot express.
 
-Logged metrics are TRL's (entropy, kl, clip_ratio/*). `clip_ratio/low_min` and `clip_ratio/high_max`
-need per-token ratios: when old log-probs are given (off-policy steps), they cost one extra no-grad
-`fused_linear_logps` pass (2*N*H*V FLOPs, O(N) memory).
+Logged metrics are TRL's (entropy, kl, clip_ratio/*, cispo_clip_ratio, vespo/phi_seq_mean, policy_loss,
+entropy_coef). `clip_ratio/low_min` and `clip_ratio/high_max` need per-token ratios: when old log-probs
+are given (off-policy steps), they cost one extra no-grad `fused_linear_logps` pass (2*N*H*V FLOPs, O(N)
+memory).
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from packaging.version import Version
 
 from grpo_fast.fused_linear import fused_linear_grpo_loss, fused_linear_logps
 from grpo_fast.logit_head import LogitTransform, logit_transform
+from grpo_fast.reference import CLIP_LOSS_TYPES, LOSS_TYPES
 
 TRL_MIN, TRL_MAX = "1.10.0", "1.17.0"  # tested: 1.10.0, 1.13.0, 1.16.0 (_compute_loss is version-specific)
 SUPPORTED_TRL = f"trl>={TRL_MIN},<{TRL_MAX}"
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+BY_ITEMS = ("dapo", "cispo", "vespo")  # normalized by the accumulated batch's tokens: no accumulation division
+ENTROPY_PAD = -1e9  # TRL's sentinel when entropies are padded across processes (an entropy is never negative)
 _VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids")
 
 
@@ -63,16 +69,11 @@ else:
 
 def _unsupported_options(trainer) -> list[str]:
     """TRL options whose math fused_linear_grpo_loss does not implement, as 'name=value' strings."""
-    args = trainer.args
     checks = {
-        "loss_type": trainer.loss_type not in LOSS_TYPES,
-        "top_entropy_quantile": trainer.top_entropy_quantile < 1.0,
-        "entropy_coef": trainer._entropy_bonus_enabled,
-        "off_policy_mask_threshold": trainer.off_policy_mask_threshold is not None,
-        "use_bias_correction_kl": args.use_bias_correction_kl and trainer.beta != 0.0,
-        "vllm_importance_sampling_correction": trainer.use_vllm and trainer.vllm_importance_sampling_correction,
+        "loss_type": trainer.loss_type not in LOSS_TYPES,  # a TRL newer than this module
         "router_aux_loss_coef": trainer.aux_loss_enabled,
     }
+    args = trainer.args
     return [f"{name}={getattr(trainer, name, getattr(args, name, None))!r}" for name, bad in checks.items() if bad]
 
 
@@ -166,28 +167,61 @@ class FastGRPOTrainer(_GRPOTrainer):
         advantages = inputs["advantages"]
         if advantages.dim() != 1:
             raise ValueError(f"advantages must have shape (B,), got {tuple(advantages.shape)}")
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         num_items = None
-        if self.loss_type == "dapo":  # TRL: the generation batch's token count, per process and accumulation step
+        if self.loss_type in BY_ITEMS:  # TRL: the generation batch's token count, per process and accumulation step
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            num_items = num_items * accumulation / self.args.steps_per_generation if mode == "train" else num_items
         old_logps = inputs.get("old_per_token_logps")
+        vllm_is = self.use_vllm and self.vllm_importance_sampling_correction
+        args = self.args
         return dict(
             completion_ids=inputs["completion_ids"],
             completion_mask=mask,
             advantages=advantages,
             old_logps=old_logps,
             ref_logps=inputs["ref_per_token_logps"] if self.beta != 0.0 else None,
+            sampling_logps=inputs.get("sampling_per_token_logps"),
+            importance_sampling_ratio=inputs.get("importance_sampling_ratio") if vllm_is else None,
+            num_items_in_batch=num_items,
+            entropy_gather=self._gather_entropies,
+            loss_type=self.loss_type,
             beta=self.beta,
             epsilon=self.epsilon_low,
             epsilon_high=self.epsilon_high,
-            delta=self.args.delta,
-            loss_type=self.loss_type,
+            delta=args.delta,
             importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length,
-            num_items_in_batch=num_items,
-            return_logps=old_logps is not None,
+            sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos,
+            vespo_lambda_pos=args.vespo_lambda_pos,
+            vespo_k_neg=args.vespo_k_neg,
+            vespo_lambda_neg=args.vespo_lambda_neg,
+            top_entropy_quantile=self.top_entropy_quantile,
+            use_bias_correction_kl=bool(args.use_bias_correction_kl),
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
+            entropy_coef=self._entropy_coef_now(accumulation),
+            return_logps=old_logps is not None and self.loss_type in CLIP_LOSS_TYPES,
         )
+
+    def _entropy_coef_now(self, accumulation: int) -> float:
+        """The entropy bonus' coefficient in the fused loss. TRL subtracts coef * mean entropy / accumulation
+        after its accumulation scaling; that scaling divides the whole loss of the other loss types afterwards
+        (here too), so only the token-normalized types take the 1 / accumulation here. Adaptive control: the
+        coefficient gated by the entropy of the last optimizer step (TRL's rule)."""
+        if not self._entropy_bonus_enabled:
+            return 0.0
+        coef = self.entropy_coef
+        if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            coef = 0.0
+        return coef / accumulation if self.loss_type in BY_ITEMS else coef
+
+    def _gather_entropies(self, local: torch.Tensor) -> torch.Tensor:
+        """Every process' active-token entropies for top_entropy_quantile, gathered as TRL does."""
+        padded = self.accelerator.pad_across_processes(local, dim=0, pad_index=ENTROPY_PAD)
+        gathered = self.accelerator.gather(padded)
+        return gathered[gathered != ENTROPY_PAD]
 
     def _compute_loss(self, model, inputs):
         self._check_supported()
@@ -201,10 +235,41 @@ class FastGRPOTrainer(_GRPOTrainer):
         spec = self._loss_spec(inputs, mask, mode)
         with self.accelerator.autocast():
             loss, metrics, logps = model(input_ids=input_ids, attention_mask=attention_mask, grpo_fast_loss=spec)
-        if self.loss_type != "dapo" and mode == "train":  # TRL scales these for gradient accumulation
+        if self._entropy_bonus_enabled:  # a coefficient gated to 0: the loss is the policy loss
+            metrics.setdefault("policy_loss", loss.detach())
+            self._entropy_bonus_bookkeeping(mode, metrics, mask.float())
+        if self.loss_type not in BY_ITEMS and mode == "train":  # TRL scales these for gradient accumulation
             loss = loss / self.current_gradient_accumulation_steps
         self._log_fused_metrics(mode, metrics, mask.float(), inputs, logps)
         return loss
+
+    def _entropy_bonus_bookkeeping(self, mode: str, metrics: dict, mask: torch.Tensor) -> None:
+        """TRL's logging (policy_loss, entropy_coef) and adaptive entropy controller around the bonus: the
+        window's entropy sum and token count over the trained tokens, reduced over processes at each
+        optimizer step, move entropy_coef by entropy_coef_delta toward entropy_target."""
+        log = self._metrics[mode]
+        log["policy_loss"].append(self.accelerator.gather(metrics["policy_loss"]).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            tokens = mask.sum()
+            mean = metrics["entropy"]
+            if self.top_entropy_quantile < 1.0:  # the bonus acts on the kept tokens only
+                tokens = torch.round(metrics["entropy_mask_ratio"] * tokens)
+                mean = metrics["entropy_kept_mean"]
+            stats = torch.stack([mean * tokens, tokens]).detach()
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
+            if self.accelerator.sync_gradients:
+                totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+                args = self.args
+                if world_entropy <= args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            log["entropy_coef"].append(self.entropy_coef)
 
     def _global_mean(self, local_mean: torch.Tensor, count: torch.Tensor) -> float:
         """TRL's global_masked_mean from a local mean over `count` items: sums and counts reduced over ranks."""
@@ -213,17 +278,24 @@ class FastGRPOTrainer(_GRPOTrainer):
         return (totals[0] / totals[1].clamp(min=1.0)).item()
 
     def _log_fused_metrics(self, mode: str, metrics: dict, mask: torch.Tensor, inputs: dict, logps) -> None:
+        """TRL's metrics of _compute_loss: global means over tokens, or over rows for per-row quantities."""
         tokens = mask.sum()
+        rows = tokens.new_tensor(float(mask.shape[0]))
+        clip_count = tokens if self.importance_sampling_level == "token" else rows
         log = self._metrics[mode]
         if self.beta != 0.0:
             log["kl"].append(self._global_mean(metrics["kl"], tokens))
         log["entropy"].append(self._global_mean(metrics["entropy"], tokens))
-        clip_count = tokens if self.importance_sampling_level == "token" else tokens.new_tensor(float(mask.shape[0]))
-        for name in ("low", "high", "region"):
-            log[f"clip_ratio/{name}_mean"].append(self._global_mean(metrics[f"clip_ratio_{name}"], clip_count))
-        low_rows, high_rows = self._row_clip_fractions(mask, inputs, logps)
-        log["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low_rows)).item())
-        log["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high_rows)).item())
+        if self.loss_type == "cispo":
+            log["cispo_clip_ratio"].append(self._global_mean(metrics["cispo_clip_ratio"], clip_count))
+        elif self.loss_type == "vespo":
+            log["vespo/phi_seq_mean"].append(self._global_mean(metrics["vespo_phi_seq_mean"], rows))
+        elif self.loss_type in CLIP_LOSS_TYPES:
+            for name in ("low", "high", "region"):
+                log[f"clip_ratio/{name}_mean"].append(self._global_mean(metrics[f"clip_ratio_{name}"], clip_count))
+            low_rows, high_rows = self._row_clip_fractions(mask, inputs, logps)
+            log["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low_rows)).item())
+            log["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high_rows)).item())
 
     def _row_clip_fractions(self, mask: torch.Tensor, inputs: dict, logps):
         """Per-row fractions of low- and high-clipped tokens (B,), as TRL's masked_seq_mean computes them."""
@@ -231,9 +303,9 @@ class FastGRPOTrainer(_GRPOTrainer):
         if old is None:  # on-policy: the ratio is exactly 1, nothing clips; empty rows give NaN as in TRL
             zero = torch.zeros(mask.shape[0], device=mask.device)
             return (zero, zero) if self.importance_sampling_level == "sequence" else (zero / mask.sum(-1),) * 2
-        log_ratio = logps - old  # (B, C)
+        log_ratio = torch.where(mask.bool(), logps - old, 0.0)  # (B, C); a masked position never counts
         if self.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
+            log_ratio = (log_ratio.sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
         ratio, adv = torch.exp(log_ratio), inputs["advantages"].unsqueeze(1)
         if self.args.delta is not None:  # TRL flags clipping on the delta-capped ratio
             ratio = ratio.clamp(max=self.args.delta)
