@@ -420,6 +420,21 @@ def test_loss_logit_transform(path_device, head, level):
 
 
 @pytest.mark.parametrize("path_device", PATHS, indirect=True)
+@pytest.mark.parametrize("options", [dict(entropy_coef=0.05), dict(entropy_coef=0.05, top_entropy_quantile=0.5),
+                                     dict(loss_type="cispo", epsilon_high=1.2)], ids=["bonus", "bonus+quantile", "cispo"])  # fmt: skip
+def test_entropy_terms_through_softcap(path_device, options):
+    """The entropy bonus' gradient (dH/dy) and the entropy mask pass through the softcap's derivative, on the
+    kernels' backward tiles and the chunked path alike (float64 reference: autograd through f)."""
+    hidden, weight, bias = _head(path_device)
+    head = HEADS["scale+softcap"]
+    ids, mask, rewards, old, ref = _batch(hidden, weight, bias, 0.8, head)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    kwargs = dict(rewards=rewards, group_size=2, old_logps=old, ref_logps=ref, beta=0.04, temperature=0.8, **options)
+    _check_against_reference(hidden, weight, bias, ids, mask, kwargs, head=head)
+
+
+@pytest.mark.parametrize("path_device", PATHS, indirect=True)
 def test_bf16_logit_transform(path_device):
     """bf16 hidden and head with scale and softcap: within bf16 rounding of the float64 truth."""
     hidden, weight, bias = _head(path_device, dtype=torch.bfloat16)
