@@ -117,6 +117,16 @@ def all_gather(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cat(parts, dim).to(x.device)
 
 
+def all_gather_varlen(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation, in rank order, of every rank's 1-D `x`; the lengths may differ between ranks."""
+    if not active():
+        return x
+    n = x.shape[0]
+    lengths = [int(k) for k in all_gather(torch.tensor([n], device=x.device)).tolist()]
+    parts = all_gather(torch.nn.functional.pad(x, (0, max(lengths) - n))).view(len(lengths), max(lengths))
+    return torch.cat([part[:k] for part, k in zip(parts, lengths)])
+
+
 def broadcast_trainable(model: nn.Module) -> None:
     """Rank 0's trainable weights to every rank (ddp): replicas start equal even if an init drew differently."""
     if not active():

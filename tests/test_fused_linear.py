@@ -419,9 +419,12 @@ def test_loss_logit_transform(path_device, head, level):
         assert 0 < float(metrics["clip_ratio_low"]) and 0 < float(metrics["clip_ratio_high"])
 
 
+ENTROPY_OPTIONS = [dict(entropy_coef=0.05), dict(entropy_coef=0.05, top_entropy_quantile=0.5),
+                   dict(loss_type="cispo", epsilon_high=1.2)]  # fmt: skip
+
+
 @pytest.mark.parametrize("path_device", PATHS, indirect=True)
-@pytest.mark.parametrize("options", [dict(entropy_coef=0.05), dict(entropy_coef=0.05, top_entropy_quantile=0.5),
-                                     dict(loss_type="cispo", epsilon_high=1.2)], ids=["bonus", "bonus+quantile", "cispo"])  # fmt: skip
+@pytest.mark.parametrize("options", ENTROPY_OPTIONS, ids=["bonus", "bonus+quantile", "cispo"])
 def test_entropy_terms_through_softcap(path_device, options):
     """The entropy bonus' gradient (dH/dy) and the entropy mask pass through the softcap's derivative, on the
     kernels' backward tiles and the chunked path alike (float64 reference: autograd through f)."""
@@ -479,3 +482,33 @@ def test_kernel_tanh_and_slope(device):
     normal = want_slope > 1e-37
     assert normal.sum() > 5000 and (t.abs() == 1)[normal].any()  # saturated tanh, slope still exact
     torch.testing.assert_close(slope.double()[normal], want_slope[normal], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("path_device", PATHS, indirect=True)
+@pytest.mark.parametrize("head", [(1.0, None), HEADS["scale+softcap"]], ids=["identity", "scale+softcap"])
+def test_logps_entropy(path_device, head):
+    """fused_linear_logps_entropy: log-probs and entropies from one sweep, and the gradients of both, against float64
+    autograd; under no_grad (the trainer's entropy pass) the same values, nothing saved."""
+    hidden, weight, bias = _head(path_device)
+    ids = torch.randint(0, V, (B, T), device=path_device)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    transform = dict(temperature=0.7, logit_scale=head[0], softcap=head[1])
+    logps, entropy = fused_linear.fused_linear_logps_entropy(hidden, weight, ids, bias=bias, **transform)
+    up_logp, up_ent = torch.randn(B, T, device=path_device), torch.randn(B, T, device=path_device)
+    grads = torch.autograd.grad((logps * up_logp + entropy * up_ent).sum(), leaves)
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    logits = _logits64(*l64, *head)
+    want_logps, want_entropy = (
+        reference.selective_log_softmax(logits, ids, 0.7),
+        reference.entropy_from_logits(logits, 0.7),
+    )
+    ref_grads = torch.autograd.grad((want_logps * up_logp.double() + want_entropy * up_ent.double()).sum(), l64)
+    assert logps.dtype == entropy.dtype == torch.float32 and entropy.shape == (B, T)
+    torch.testing.assert_close(logps.double(), want_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), want_entropy, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=_fp32_atol(b))
+    with torch.no_grad():
+        fast = fused_linear.fused_linear_logps_entropy(hidden, weight, ids, bias=bias, **transform)
+    assert fast[1].grad_fn is None
+    torch.testing.assert_close(fast, (logps.detach(), entropy.detach()))
