@@ -1,7 +1,9 @@
 """The trainer's configuration: one dataclass, named presets, a CLI generated from the dataclass.
 
-Precedence, lowest first: dataclass defaults, `--preset` (the `tiny` preset when no model is named
-anywhere), a JSON/YAML `--config` file, then explicit flags.
+Precedence, lowest first: dataclass defaults, `--preset` (one or more names, applied in order), a JSON/YAML
+`--config` file, then explicit flags. A base preset names a model (and its task and sizes: `tiny`, ...); a recipe
+preset (`dapo`, `gspo`, `dr_grpo`, `cispo`) sets only the algorithm, so it layers over any base: when no preset,
+file or flag names a model, the `tiny` base comes first (`--preset dapo` trains the embedded default with DAPO).
 """
 
 from __future__ import annotations
@@ -18,9 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checks
-from .reference import SCALE_REWARDS
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # what train.accumulate normalizes today; TRL's others: issue 11
+from .reference import LOSS_TYPES, SCALE_REWARDS, LossOptions
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -56,15 +56,30 @@ class Config:
     top_p: float = 1.0  # nucleus sampling; 1 disables
     top_k: int = 0  # top-k sampling; 0 disables
     rollout_groups: int = 0  # prompts per sampling call (generator seeded by seed + data position); 0: this rank's all
-    # loss (DESIGN.md, TRL's GRPOTrainer math)
-    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo
+    # loss (DESIGN.md, TRL 1.16's GRPOConfig names and defaults; every reduction is over the whole step's batch)
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo
     beta: float = 0.0  # KL coefficient; 0 skips the reference pass
     epsilon: float = 0.2  # lower clip range
-    epsilon_high: float | None = None  # upper clip range; none: epsilon
+    epsilon_high: float | None = None  # upper clip range; none: epsilon; cispo: the cap on the ratio itself
     delta: float | None = None  # upper bound on the ratio (two-sided GRPO); none: off
     scale_rewards: str = "group"  # group | batch | none
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
     num_iterations: int = 1  # optimizer updates per rollout; > 1 computes old log-probs
+    sapo_temperature_pos: float = 1.0  # sapo's gate temperature where A > 0
+    sapo_temperature_neg: float = 1.05  # sapo's gate temperature where A <= 0
+    vespo_k_pos: float = 2.0  # vespo's gamma-weight power where A >= 0
+    vespo_lambda_pos: float = 3.0  # vespo's gamma-weight decay where A >= 0
+    vespo_k_neg: float = 3.0  # vespo's gamma-weight power where A < 0
+    vespo_lambda_neg: float = 2.0  # vespo's gamma-weight decay where A < 0
+    top_entropy_quantile: float = 1.0  # policy loss only on the step's top fraction of tokens by entropy; 1: all
+    use_bias_correction_kl: bool = True  # KL term times the importance ratio (DeepSeek-V3.2); applies when beta != 0
+    off_policy_mask_threshold: float | None = None  # drop A < 0 rows whose mean KL(old || current) exceeds it
+    entropy_coef: float = 0.0  # loss -= entropy_coef * mean entropy over the step's trained tokens
+    mask_truncated_completions: bool = False  # rows cut at max_new_tokens get no loss (their rewards still count)
+    soft_overlong_punishment: bool = False  # add DAPO's overlong penalty (the built-in reward "overlong", weight 1)
+    soft_punish_cache: int | None = None  # its L_cache (the penalty's last tokens); none: max_new_tokens // 5, >= 1
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more to fill the step
+    dynamic_sampling_max_batches: int = 4  # its cap: batches of prompts_per_step prompts per step, the first included
     # optimization
     learning_rate: float = 1e-5  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
@@ -116,6 +131,58 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
+# The algorithm fields a recipe preset defines: each recipe sets all of them (the dataclass defaults, TRL's, then the
+# paper's settings), so recipes compose with any base and the last recipe named wins whole. Sizes (group size,
+# prompts per step, lengths, learning rate) stay the base's: they depend on the model and the hardware.
+ALGORITHM = (
+    "loss_type", "beta", "epsilon", "epsilon_high", "delta", "scale_rewards", "importance_sampling_level",
+    "top_entropy_quantile", "entropy_coef", "off_policy_mask_threshold", "mask_truncated_completions",
+    "soft_overlong_punishment", "soft_punish_cache", "dynamic_sampling",
+)  # fmt: skip
+
+
+def _recipe(**settings) -> dict:
+    defaults = Config()
+    return {name: getattr(defaults, name) for name in ALGORITHM} | settings
+
+
+PRESETS |= {
+    # DAPO, arXiv 2503.14476 (Algorithm 1; Table 1 adds its parts in this order).
+    "dapo": _recipe(
+        mask_truncated_completions=True,  # overlong filtering: truncated samples get no loss (§3.4, Table 1)
+        epsilon=0.2,  # Clip-Higher: epsilon_low 0.2 (§3.1; values in §4.1)
+        epsilon_high=0.28,  # Clip-Higher: epsilon_high 0.28 (§3.1, §4.1)
+        soft_overlong_punishment=True,  # soft overlong punishment, Eq. 13 (§3.4)
+        soft_punish_cache=None,  # L_cache = max_new_tokens // 5: 4096 of the 20480 generation budget (§4.1)
+        loss_type="dapo",  # token-level policy gradient loss (§3.3)
+        dynamic_sampling=True,  # keep only groups whose accuracy is neither 0 nor 1, resample to fill (§3.2)
+        beta=0.0,  # no KL penalty (§2.3)
+    ),
+    # GSPO, arXiv 2507.18071.
+    "gspo": _recipe(
+        importance_sampling_level="sequence",  # s_i: the length-normalized sequence likelihood ratio (§4.1)
+        loss_type="grpo",  # the objective averages the G sequences' clipped terms, one per sequence (Eq. 5)
+        scale_rewards="group",  # group-normalized advantages (§4.1)
+        epsilon=3e-4,  # left clipping range 3e-4 (§5.1)
+        epsilon_high=4e-4,  # right clipping range 4e-4 (§5.1)
+        beta=0.0,  # no KL term in Eq. 5 (and none in the authors' runs: TRL's paper index, verl PR 2775)
+    ),  # §5.1 also splits each rollout batch into 4 mini-batch updates; here num_iterations repeats the whole batch
+    # Dr. GRPO, arXiv 2503.20783 ("Understanding R1-Zero-Like Training").
+    "dr_grpo": _recipe(
+        loss_type="dr_grpo",  # no 1/|o_i| length normalization: token sums over a constant, max_new_tokens (§3.2)
+        scale_rewards="none",  # no std normalization of the advantages: question-level difficulty bias (§3.2)
+        beta=0.0,  # no KL term (the authors' training setup, as TRL's paper index records it)
+    ),
+    # CISPO, MiniMax-M1, arXiv 2506.13585.
+    "cispo": _recipe(
+        loss_type="cispo",  # sg(clip(r)) * A * log pi, normalized by the batch's tokens (§3.1)
+        epsilon_high=5.0,  # the cap epsilon_max on the IS weight, no lower bound (§3.1); 5.0: TRL 1.16's recommended
+        # value (GRPOConfig.epsilon_high, from ScaleRL, arXiv 2510.13786)
+        scale_rewards="group",  # group-normalized advantages (§3.1)
+        beta=0.0,  # no KL term in its objective (§3.1)
+    ),
+}
+
 
 def _field_types() -> dict[str, typing.Any]:
     return typing.get_type_hints(Config)
@@ -154,7 +221,7 @@ def build_parser(defaults: Config) -> argparse.ArgumentParser:
         description="GRPO training. No arguments: the embedded tiny model on a built-in task (tiny preset).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset applied first")
+    p.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=None, help="named presets applied first")
     p.add_argument("--config", default=None, help="JSON or YAML file setting the same fields")
     comments = _comments()
     for name, tp in _field_types().items():
@@ -249,20 +316,29 @@ def merge(cfg: Config, values: dict, source: str) -> Config:
     return dataclasses.replace(cfg, **{k: coerce(k, v, source) for k, v in values.items()})
 
 
+def presets(names: list[str], named_model: bool) -> list[str]:
+    """The presets to apply in order: `names`, after the `tiny` base when none of them (nor a flag or the config
+    file) names a model."""
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        raise ValueError(f"--preset must name presets of {sorted(PRESETS)}, got {unknown}")
+    base = named_model or any("model" in PRESETS[n] for n in names)
+    return names if base else ["tiny", *names]
+
+
 def parse(argv: list[str] | None = None) -> Config:
     """Config from the command line (argv without the program name)."""
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default=None)
+    pre.add_argument("--preset", nargs="+", default=[])
     pre.add_argument("--config", default=None)
     pre.add_argument("--model", default=None)
     known, _ = pre.parse_known_args(argv)
     file_values = read_file(known.config) if known.config else {}
     from_file = merge(Config(), file_values, f"config file {known.config}")  # types checked before anything
-    preset = known.preset or (None if (known.model or from_file.model) else "tiny")
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    cfg = merge(Config(), PRESETS[preset], f"preset {preset}") if preset else Config()
+    cfg = Config()
+    for preset in presets(known.preset, named_model=bool(known.model or from_file.model)):
+        cfg = merge(cfg, PRESETS[preset], f"preset {preset}")
     cfg = merge(cfg, file_values, f"config file {known.config}")
     args = vars(build_parser(cfg).parse_args(argv))
     args.pop("preset"), args.pop("config")
@@ -273,7 +349,7 @@ def parse(argv: list[str] | None = None) -> Config:
 AT_LEAST = dict(
     group_size=2, prompts_per_step=1, micro_batch_groups=1, max_prompt_length=1, max_new_tokens=1, max_steps=1,
     num_iterations=1, lora_rank=1, lora_alpha=1, top_k=0, rollout_groups=0, save_steps=0, keep_checkpoints=0,
-    log_samples_steps=0, plot_steps=0, cpu_threads=0, seed=0,
+    log_samples_steps=0, plot_steps=0, cpu_threads=0, seed=0, dynamic_sampling_max_batches=1,
 )  # fmt: skip
 WHY = {"group_size": " (advantages compare samples within a group)", "lora_alpha": " (the LoRA scale is alpha / r)"}
 SEED_MAX = 2**32 - 1  # numpy's seed range
@@ -301,11 +377,17 @@ def _check_numbers(cfg: Config) -> None:
     _in_range(cfg, "top_p", 0, 1, low_open=True)
     checks.choice(cfg.loss_type, "loss_type", LOSS_TYPES)
     checks.positive_number(cfg.temperature, "temperature")
-    checks.loss_options(
-        dict(beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
-             loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
-             max_completion_length=cfg.max_new_tokens)
-    )  # fmt: skip
+    checks.loss_options(loss_options(cfg))
+    cache = cfg.soft_punish_cache
+    if cache is not None and not 1 <= cache <= cfg.max_new_tokens:
+        raise ValueError(f"soft_punish_cache must be in [1, max_new_tokens={cfg.max_new_tokens}], got {cache}")
+
+
+def loss_options(cfg: Config) -> dict:
+    """The fused loss op's options (`grpo_fast.LossOptions`, TRL's names) from the config's fields of the same name;
+    dr_grpo's constant denominator is the completion budget."""
+    names = [f.name for f in dataclasses.fields(LossOptions) if f.name != "max_completion_length"]
+    return {name: getattr(cfg, name) for name in names} | {"max_completion_length": cfg.max_new_tokens}
 
 
 def _check_rewards(cfg: Config) -> None:

@@ -28,10 +28,16 @@ MAY_CHANGE = {
 }  # fmt: skip  # micro-batching only changes the order of a float sum; the others, no number at all
 
 
+# Fields added later whose default is not what the code did before them: a checkpoint without the field ran so.
+BEFORE = {"use_bias_correction_kl": False}  # issue 11 took TRL's default (True); no run before it corrected the KL
+
+
 def _changes(stored: dict, cfg) -> tuple[list[str], list[str]]:
     """(refused, allowed) differences between a checkpoint's config and this run's, as 'field: old -> new'."""
-    now = json.loads(json.dumps(config.to_dict(cfg)))
+    now, stored = json.loads(json.dumps(config.to_dict(cfg))), BEFORE | stored
     diff = [k for k in now if k in stored and stored[k] != now[k]]
+    if stored.get("beta") == now["beta"] == 0:  # no KL term: its correction computes nothing
+        diff = [k for k in diff if k != "use_bias_correction_kl"]
     line = lambda k: f"{k}: {stored[k]!r} -> {now[k]!r}"  # noqa: E731
     return [line(k) for k in diff if k not in MAY_CHANGE], [line(k) for k in diff if k in MAY_CHANGE and k != "resume"]
 

@@ -73,6 +73,21 @@ def length_reward(prompts, completions, completion_ids, *, max_new_tokens: int, 
     return [1.0 - min(len(ids), max_new_tokens) / max_new_tokens for ids in completion_ids]
 
 
+def soft_overlong_punishment(
+    prompts, completions, completion_ids, *, max_new_tokens: int, soft_punish_cache: int, **kwargs
+) -> list[float]:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, Eq. 13) with L_max = max_new_tokens, L_cache =
+    soft_punish_cache: 0 up to L_max - L_cache tokens, then (L_max - L_cache - |y|) / L_cache down to -1 at L_max,
+    -1 beyond. |y| counts the EOS token. Equals TRL's `trl.rewards.get_soft_overlong_punishment`."""
+    start = max_new_tokens - soft_punish_cache
+    return [0.0 if len(ids) <= start else max(-1.0, (start - len(ids)) / soft_punish_cache) for ids in completion_ids]
+
+
+def overlong_cache(max_new_tokens: int, soft_punish_cache: int | None) -> int:
+    """L_cache: the configured one, or DAPO's proportion (4096 of a 20480-token budget, §4.1), at least 1."""
+    return soft_punish_cache if soft_punish_cache is not None else max(1, max_new_tokens // 5)
+
+
 def _reverse(*args, **kwargs):
     from .tiny import reverse_reward
 
@@ -84,14 +99,19 @@ BUILTIN: dict[str, RewardFn] = {
     "format": format_reward,
     "length": length_reward,
     "reverse": _reverse,
+    "overlong": soft_overlong_punishment,
 }
 
 
-def resolve(name: str, max_new_tokens: int) -> RewardFn:
+def resolve(name: str, max_new_tokens: int, soft_punish_cache: int | None = None) -> RewardFn:
     """A built-in name or `module:function`; raises ValueError naming `name` if it cannot be found."""
     if name == "length":
         fn = functools.partial(length_reward, max_new_tokens=max_new_tokens)
         return functools.update_wrapper(fn, length_reward)
+    if name == "overlong":
+        cache = overlong_cache(max_new_tokens, soft_punish_cache)
+        fn = functools.partial(soft_overlong_punishment, max_new_tokens=max_new_tokens, soft_punish_cache=cache)
+        return functools.update_wrapper(fn, soft_overlong_punishment)
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:
@@ -104,6 +124,17 @@ def resolve(name: str, max_new_tokens: int) -> RewardFn:
     if not callable(fn):
         raise ValueError(f"rewards: {name!r} is not callable")
     return fn
+
+
+def configured(cfg) -> tuple[dict[str, RewardFn], list[float]]:
+    """The run's reward functions by name and their weights: `cfg.rewards` (weighted by `cfg.reward_weights`), and
+    the soft overlong punishment with weight 1 when `cfg.soft_overlong_punishment` asks for it and the rewards do
+    not already name "overlong" (with a weight of their own)."""
+    names, weights = list(cfg.rewards), list(cfg.reward_weights or [1.0] * len(cfg.rewards))
+    if cfg.soft_overlong_punishment and "overlong" not in names:
+        names, weights = [*names, "overlong"], [*weights, 1.0]
+    funcs = {name: resolve(name, cfg.max_new_tokens, cfg.soft_punish_cache) for name in names}
+    return funcs, weights
 
 
 def call(name: str, fn: RewardFn, prompts, completions, completion_ids, columns: dict) -> list[float]:

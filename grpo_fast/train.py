@@ -5,10 +5,13 @@ in a few minutes. With `--model` (Hugging Face id or local path) and `--dataset`
 JSONL/JSON/CSV/Parquet, or a built-in task) it trains a real model, with LoRA by default.
 
 Each step: draw `prompts_per_step` prompts, sample `group_size` completions per prompt with the
-prompt's KV stored once (generate_groups), score them (rewards.py), compute group advantages, then
-`num_iterations` AdamW updates, each accumulating gradients over micro-batches of whole groups. The
-loss is fused_linear_grpo_loss on shared-prefix packed hidden states (each prompt computed once per
-group, logits never materialized); old and reference log-probs come from no-grad fused passes.
+prompt's KV stored once (generate_groups), score them (rewards.py; DAPO's soft overlong punishment is one),
+with --dynamic-sampling keep only groups whose rewards differ and draw more (dynamic_sampling.py), compute
+group advantages, then `num_iterations` AdamW updates, each accumulating gradients over micro-batches of whole
+groups. The loss is fused_linear_grpo_loss on shared-prefix packed hidden states (each prompt computed once per
+group, logits never materialized), with every TRL 1.16 loss type and option reduced over the whole step's batch
+(accumulation.py); old and reference log-probs come from no-grad fused passes. Recipe presets (config.py): dapo,
+gspo, dr_grpo, cispo.
 Output directory: metrics.jsonl, reward_curve.png, samples.jsonl, config.json, checkpoints/, final/.
 Bad input stops before the model loads (config.validate, dataset_rows, resume.plan) with exit status 2 and one
 line; SIGINT/SIGTERM stop at a step boundary with a checkpoint (interrupt.py); --resume is exact (resume.py).
@@ -23,6 +26,7 @@ Deliberately left out: vLLM rollouts, reward models, evaluation loops, tensor/pi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -37,10 +41,9 @@ import transformers
 from tqdm import tqdm
 
 from . import checkpoint, config, data, dataset_rows, distributed, guard, interrupt, policy, resume, rewards, run_log
-from .fused_linear import fused_linear_grpo_loss, fused_linear_logps
-from .logit_head import logit_transform
+from .accumulation import accumulate, logps
+from .dynamic_sampling import Batch, collect, concat, gather_rollout, kept_share
 from .loss import group_advantages
-from .packing import completion_hidden_states, lm_head
 from .rollout import NonFiniteLogits, Rollout, generate_groups
 from .run_log import say
 from .schedule import make_optimizer
@@ -64,30 +67,20 @@ def seed_all(seed: int) -> None:
 
 
 def draw(rows, encoded, order: data.PromptOrder, position: int, cfg, device) -> tuple[list[dict], list, int]:
-    """This rank's rows for the step, their prompt ids [(Lp,) int64 on device] (unpadded, encoded up front) and
-    the data position of its first prompt."""
+    """The batch of prompts_per_step prompts at data `position`: this rank's rows, every rank's prompt ids [(Lp,)
+    int64 on device] (unpadded, encoded up front; this rank's share: `shard`) and the data position of this rank's
+    first prompt."""
     rank, world_size = distributed.world()
-    picked = shard(order.indices(position, cfg.prompts_per_step), rank, world_size)
+    picked = order.indices(position, cfg.prompts_per_step)
     ids = [torch.tensor(encoded[i], dtype=torch.long, device=device) for i in picked]
-    return [rows[i] for i in picked], ids, position + rank * len(picked)
-
-
-def concat(rolls: list[Rollout]) -> Rollout:
-    """One Rollout from several, completions padded to the longest (pad id, mask 0)."""
-    if len(rolls) == 1:
-        return rolls[0]
-    Tc, pad = max(r.completion_ids.shape[1] for r in rolls), rolls[0].pad_token_id
-    widen = lambda x, v: torch.nn.functional.pad(x, (0, Tc - x.shape[1]), value=v)  # noqa: E731
-    ids = torch.cat([widen(r.completion_ids, pad) for r in rolls])  # (B*G, Tc)
-    mask = torch.cat([widen(r.completion_mask, 0) for r in rolls])
-    lengths, finished = torch.cat([r.completion_lengths for r in rolls]), torch.cat([r.finished for r in rolls])
-    return Rollout([p for r in rolls for p in r.prompts], rolls[0].group_size, ids, mask, lengths, finished, pad)
+    mine = shard(picked, rank, world_size)
+    return [rows[i] for i in mine], ids, position + rank * len(mine)
 
 
 @torch.no_grad()
 def sample(model, prompt_ids: list, cfg, tokenizer, generator, first: int = 0) -> Rollout:
-    """G completions per prompt, in calls of `rollout_groups` prompts, each call's generator seeded by (seed,
-    data position of its first prompt): the samples of a prompt do not depend on the world size as long as
+    """G completions per prompt, in calls of `rollout_groups` prompts, each call's generator seeded by (seed, data
+    position of its first prompt): the samples of a prompt do not depend on the world size as long as
     rollout_groups divides every rank's share, and ranks draw different streams."""
     kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     kw |= dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator)
@@ -102,9 +95,9 @@ def sample(model, prompt_ids: list, cfg, tokenizer, generator, first: int = 0) -
     return concat(rolls)
 
 
-def score(cfg, tokenizer, batch: list[dict], roll, funcs, weights) -> tuple[torch.Tensor, dict, list, list]:
-    """Rewards (N,) float32 of every rank's rows in rank order, reward/length statistics over all of them, and
-    this rank's prompt texts and completions (decoded)."""
+def score(cfg, tokenizer, batch: list[dict], roll, funcs, weights) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Every rank's rows' table (F + 2, N) (reward functions' scores, completion lengths, cut flags) and weighted
+    rewards (N,), in rank order; this rank's prompt texts, completions (decoded) and rewards."""
     G = cfg.group_size
     lengths = roll.completion_mask.sum(1).tolist()  # (B*G,)
     ids = [roll.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)]
@@ -115,17 +108,33 @@ def score(cfg, tokenizer, batch: list[dict], roll, funcs, weights) -> tuple[torc
     local = rewards.table(funcs, prompts, completions, ids, columns)  # (F, B*G), NaN = no score
     per_row = torch.tensor([lengths, (~roll.finished).tolist()], dtype=torch.float32)  # (2, B*G)
     every = distributed.all_gather(torch.cat([local, per_row]), dim=1)  # (F + 2, N): all ranks' rows
-    total, stats = rewards.combine(list(funcs), weights, every[:-2])
-    length, cut = every[-2], every[-1]
-    stats |= {
+    total = rewards.combine(list(funcs), weights, every[:-2])[0]
+    rank = distributed.world()[0]
+    return every, total, (prompts, completions, total[rank * len(ids) : (rank + 1) * len(ids)].tolist())
+
+
+def reward_stats(table: torch.Tensor, funcs, weights, group_size: int) -> dict:
+    """Reward and length statistics over every sampled row of the step: table (F + 2, N) as `score` gives it."""
+    total, stats = rewards.combine(list(funcs), weights, table[:-2])
+    length, cut = table[-2], table[-1]
+    return stats | {
         "reward": float(total.mean()),
         "reward_std": float(total.std()) if total.numel() > 1 else 0.0,
-        "frac_reward_zero_std": float((total.view(-1, G).std(1) < 1e-6).float().mean()),
+        "frac_reward_zero_std": float((total.view(-1, group_size).std(1) < 1e-6).float().mean()),
         "completion_length_mean": float(length.mean()),
         "completion_length_max": int(length.max()),
         "clipped_ratio": float(cut.mean()),  # cut at max_new_tokens
     }
-    return total, stats, prompts, completions
+
+
+def mask_truncated(roll: Rollout, tokenizer) -> Rollout:
+    """TRL 1.16's mask_truncated_completions: the completion mask zeroed on every row TRL calls truncated, whose
+    last token is neither EOS nor the pad token (a row cut at max_new_tokens on a sampled pad id passes as finished,
+    as in TRL). The rows keep their rewards (group statistics) and still count as rows where the loss type does."""
+    last = roll.completion_ids.gather(1, (roll.completion_lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,)
+    ends = torch.tensor([tokenizer.eos_token_id, tokenizer.pad_token_id], device=last.device)
+    cut = (roll.completion_lengths > 0) & ~torch.isin(last, ends)
+    return dataclasses.replace(roll, completion_mask=roll.completion_mask * ~cut.unsqueeze(1))
 
 
 # --------------------------------------------------------------------------------------------- update
@@ -150,76 +159,18 @@ def micro_batches(roll, advantages: torch.Tensor, cfg) -> list[dict]:
     return out
 
 
-def hidden(model, mb: dict, cfg) -> torch.Tensor:
-    """Packed shared-prefix forward: (b*G, T, H) hidden states that predict mb["ids"]."""
-    return completion_hidden_states(model, mb["prompts"], mb["ids"], mb["mask"], group_size=cfg.group_size)
-
-
-def loss_inputs(model, mb: dict, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
-    """hidden(...), the LM head's weight and bias, and the fused ops' logit transform keywords (logit_head.py);
-    under fsdp2 run inside the root's forward, which gathers the head (distributed.forward)."""
-    return hidden(model, mb, cfg), *lm_head(model), logit_transform(model).kwargs()
-
-
-@torch.no_grad()
-def logps(model, mb: dict, cfg) -> torch.Tensor:
-    """No-grad fused log-probs (b*G, T) of mb["ids"] under `model` (old or reference policy)."""
-    h, weight, bias, head = distributed.forward(model, loss_inputs, mb, cfg)
-    return fused_linear_logps(h, weight, mb["ids"], bias=bias, temperature=cfg.temperature, **head)
-
-
 def add_reference_logps(model, ref, mbs: list[dict], cfg) -> None:
-    """Old log-probs (only when a rollout feeds several updates) and reference log-probs (beta != 0)."""
+    """Old log-probs (only when a rollout feeds several updates; then also the entropies top_entropy_quantile ranks
+    in the first update) and reference log-probs (beta != 0)."""
+    quantile = cfg.top_entropy_quantile < 1.0
     for mb in mbs:
-        mb["old"] = logps(model, mb, cfg) if cfg.num_iterations > 1 else None
+        mb["old"], mb["entropy"] = None, None
+        if cfg.num_iterations > 1:
+            mb["old"], mb["entropy"] = logps(model, mb, cfg, True) if quantile else (logps(model, mb, cfg), None)
+        mb["ref"] = None
         if ref is not None:
             with policy.reference_context(model, ref):
                 mb["ref"] = logps(ref, mb, cfg)
-        else:
-            mb["ref"] = None
-
-
-def accumulate(model, mbs: list[dict], cfg) -> tuple[torch.Tensor, dict]:
-    """Backward over every micro-batch; the summed loss equals the loss of the whole batch of every rank:
-    dapo and bnpo divide by the global active tokens, grpo and dr_grpo weigh each micro-batch by its share of
-    the global rows. Loss and metrics come back summed over ranks (metrics weighted by global shares)."""
-    rows = sum(mb["ids"].shape[0] for mb in mbs)
-    tokens = sum(float(mb["mask"].sum()) for mb in mbs)
-    rows, tokens = distributed.all_sum([rows, tokens])
-    by_tokens = cfg.loss_type in ("dapo", "bnpo")
-    total, metrics = torch.zeros(()), {}
-    for mb in mbs:
-        h, weight, bias, head = distributed.forward(model, loss_inputs, mb, cfg)
-        loss, m = fused_linear_grpo_loss(
-            h,
-            weight,
-            mb["ids"],
-            mb["mask"],
-            bias=bias,
-            advantages=mb["advantages"],
-            old_logps=mb["old"],
-            ref_logps=mb["ref"],
-            beta=cfg.beta,
-            epsilon=cfg.epsilon,
-            epsilon_high=cfg.epsilon_high,
-            delta=cfg.delta,
-            temperature=cfg.temperature,
-            loss_type="dapo" if by_tokens else cfg.loss_type,
-            importance_sampling_level=cfg.importance_sampling_level,
-            max_completion_length=cfg.max_new_tokens,
-            num_items_in_batch=max(tokens, 1.0) if by_tokens else None,
-            **head,
-        )
-        share = mb["ids"].shape[0] / rows
-        (loss if by_tokens else loss * share).backward()
-        total += (loss if by_tokens else loss * share).detach().float().cpu()
-        token_share = float(mb["mask"].sum()) / max(tokens, 1.0)
-        for k, v in m.items():  # token means weigh by tokens; sequence-level clip fractions by rows (TRL)
-            w = share if k.startswith("clip") and cfg.importance_sampling_level == "sequence" else token_share
-            metrics[k] = metrics.get(k, 0.0) + w * float(v)
-    keys = sorted(metrics)
-    summed = distributed.all_sum([float(total), *(metrics[k] for k in keys)])
-    return torch.tensor(summed[0]), dict(zip(keys, summed[1:]))
 
 
 class Diverged(ValueError):
@@ -229,6 +180,10 @@ class Diverged(ValueError):
 def update(model, optimizer, scheduler, mbs: list[dict], cfg) -> dict:
     """One optimizer update; a non-finite loss or gradient is reported and not applied, non-finite weights after
     it raise Diverged."""
+    if not mbs:  # dynamic sampling found no group to train, on every rank: no update, the schedule moves on
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        return {"loss": math.nan, "grad_norm": math.nan, "lr": lr, "skipped": 1}
     params = [p for group in optimizer.param_groups for p in group["params"]]  # fsdp2: the sharded ones
     optimizer.zero_grad(set_to_none=True)
     loss, metrics = accumulate(model, mbs, cfg)
@@ -258,29 +213,40 @@ def peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KB on Linux)
 
 
-def train_step(step, cfg, model, ref, optimizer, scheduler, batch, prompt_ids, first, funcs, weights, tokenizer, gen):
-    """Rollout, scoring, num_iterations updates; returns (metrics row, prompts, completions, this rank's rewards)."""
+def train_step(step, cfg, model, ref, optimizer, scheduler, source, position, funcs, weights, tokenizer, gen):
+    """Rollouts and scoring of a batch at data `position` (several with dynamic sampling), num_iterations updates;
+    returns (metrics row, this rank's prompts, completions and rewards, prompts drawn). source: rows, encoded, order."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # peak_mem_mb is this step's
+    (rank, world_size), device = distributed.world(), distributed.device()
+
+    def next_batch(i: int) -> Batch:  # the step's i-th batch, every rank's rows
+        batch, ids, first = draw(*source, position + i * cfg.prompts_per_step, cfg, device)
+        roll = sample(model, shard(ids, rank, world_size), cfg, tokenizer, gen, first)
+        scored = score(cfg, tokenizer, batch, roll, funcs, weights)
+        return Batch(gather_rollout(roll, ids), *scored)
+
     t0 = time.perf_counter()
-    roll = sample(model, prompt_ids, cfg, tokenizer, gen, first)
+    batches, keep, sampling = collect(next_batch, cfg, world_size)
     rollout_s = time.perf_counter() - t0
-    r, stats, prompts, completions = score(cfg, tokenizer, batch, roll, funcs, weights)  # r: (N,) all ranks
+    table = torch.cat([b.table for b in batches], dim=1)  # (F + 2, every sampled row)
+    stats = reward_stats(table, funcs, weights, cfg.group_size) | sampling
     for name in (n for n in funcs if math.isnan(stats[f"reward_{n}_mean"])):
         say(f"warning: step {step + 1}: reward {name!r} scored no sample (it returned None for every one)")
     t1 = time.perf_counter()
-    n = roll.completion_ids.shape[0]
-    mine = slice(distributed.world()[0] * n, (distributed.world()[0] + 1) * n)  # this rank's rows of r
-    adv = group_advantages(r.to(roll.completion_ids.device), cfg.group_size, cfg.scale_rewards)[mine]  # (B*G,)
+    roll, r, mine = kept_share(batches, keep, rank, world_size)  # r: (K*G,) every kept row's reward
+    roll = mask_truncated(roll, tokenizer) if cfg.mask_truncated_completions else roll
+    adv = group_advantages(r.to(device), cfg.group_size, cfg.scale_rewards)[mine] if r.numel() else r  # (B*G,)
     mbs = micro_batches(roll, adv, cfg)
     add_reference_logps(model, ref, mbs, cfg)
     updates = [update(model, optimizer, scheduler, mbs, cfg) for _ in range(cfg.num_iterations)]
     update_s = time.perf_counter() - t1
-    (tokens,) = distributed.all_sum([float(roll.completion_mask.sum())])  # all ranks' tokens; rank 0's clock
+    tokens = float(table[-2].sum())  # every sampled token, all ranks; rank 0's clock
     row = {"step": step + 1, **stats, **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]}}
     row |= {"tokens_per_s": tokens / (rollout_s + update_s), "rollout_s": rollout_s, "update_s": update_s}
-    row["peak_mem_mb"] = distributed.all_max([peak_mem_mb(roll.completion_ids.device)])[0]
-    return row, prompts, completions, r[mine].tolist()
+    row["peak_mem_mb"] = distributed.all_max([peak_mem_mb(device)])[0]
+    texts = [[x for b in batches for x in b.texts[j]] for j in range(3)]
+    return row, *texts, len(batches) * cfg.prompts_per_step
 
 
 def save_final(model, tokenizer, out: Path) -> None:
@@ -308,8 +274,7 @@ def setup(cfg: config.Config, out: Path):
     rows = data.load(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.prompt_column, cfg.answer_column)
     encoded = dataset_rows.encode(rows, cfg, tokenizer)
     dataset_rows.check_answers(rows, cfg)
-    funcs = {name: rewards.resolve(name, cfg.max_new_tokens) for name in cfg.rewards}
-    weights = cfg.reward_weights or [1.0] * len(funcs)
+    funcs, weights = rewards.configured(cfg)
     dataset_rows.dry_run(funcs, weights, rows, cfg)
     return tokenizer, rows, encoded, funcs, weights, resume.plan(cfg, out)
 
@@ -338,7 +303,7 @@ def run(cfg: config.Config) -> list[dict]:
     model, ref = distributed.parallelize(model, ref, cfg.parallel)
     optimizer, scheduler = make_optimizer(cfg, model)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    order = data.PromptOrder(len(rows), cfg.seed)
+    source = (rows, encoded, data.PromptOrder(len(rows), cfg.seed))
     ckpt_dir, metrics_path = out / "checkpoints", out / "metrics.jsonl"
     step, position = resume.start(cfg, out, candidates, model, optimizer, scheduler, gen)
     main, saved = distributed.is_main(), step  # saved: the last step with a checkpoint (0: none)
@@ -353,15 +318,14 @@ def run(cfg: config.Config) -> list[dict]:
                 save(cfg, ckpt_dir, step, model, optimizer, scheduler, gen, position)
             where = checkpoint.latest(ckpt_dir)
             raise signals.stopped(f"stopped after step {step}; checkpoint: {where or 'none (no step completed)'}")
-        batch, prompt_ids, first = draw(rows, encoded, order, position, cfg, device)
-        position += cfg.prompts_per_step
         try:
-            row, prompts, completions, r = train_step(
-                step, cfg, model, ref, optimizer, scheduler, batch, prompt_ids, first, funcs, weights, tokenizer, gen
+            row, prompts, completions, r, drawn = train_step(
+                step, cfg, model, ref, optimizer, scheduler, source, position, funcs, weights, tokenizer, gen
             )  # fmt: skip
         except (Diverged, NonFiniteLogits) as e:  # nothing of this step is written
             last = checkpoint.latest(ckpt_dir) or "none"
             raise ValueError(f"training diverged at step {step + 1}: {e}; last checkpoint (finite): {last}") from None
+        position += drawn
         written.append(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         done = step + 1

@@ -54,7 +54,10 @@ def flags(values: dict) -> list[str]:
     out = []
     for k, v in values.items():
         name = "--" + k.replace("_", "-")
-        out += [name if v else "--no-" + name[2:]] if isinstance(v, bool) else [name, str(v)]
+        if isinstance(v, bool):
+            out += [name if v else "--no-" + name[2:]]
+        else:
+            out += [name, *map(str, v)] if isinstance(v, list) else [name, str(v)]
     return out
 
 
@@ -140,6 +143,27 @@ def test_fsdp2_two_ranks_with_resume_equal_one_process(tmp_path):
     one = single(tmp_path, values)
     assert_same_run(out, tmp_path / "single", one, rtol=1e-4, atol=1e-5)
     assert len(one) == 3
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_and_entropy_quantile_two_ranks_equal_one_process(tmp_path, monkeypatch):
+    """Issue 11: dynamic sampling decides on every rank's rewards (extra batches, dropped groups and the groups each
+    rank trains agree with one process), the entropy quantile ranks every rank's tokens (a variable-length gather),
+    the entropy bonus averages over the step's kept tokens; mask_truncated_completions and luspo's per-row sums."""
+    (tmp_path / "gate.py").write_text(
+        "def gated(prompts, completions, completion_ids, **kw):\n"
+        "    return [float(ids[0]) if p[0] in 'abcd' and ids else 0.5 for p, ids in zip(prompts, completion_ids)]\n"
+    )  # e-h prompts: one reward for the whole group, dropped
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    values = SMALL | dict(rewards=["gate:gated"], dynamic_sampling=True, top_entropy_quantile=0.5, entropy_coef=0.01)
+    values |= dict(loss_type="luspo", mask_truncated_completions=True)
+    out = tmp_path / "ddp"
+    run = torchrun(tmp_path, values | dict(output_dir=str(out)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = single(tmp_path, values)
+    assert sum(r["extra_prompts"] for r in one) > 0 and all(r["groups_trained"] == 4 for r in one)
+    assert_same_run(out, tmp_path / "single", one, rtol=1e-5, atol=1e-6)
 
 
 def test_prompts_not_divisible_by_world_size_fails_before_training(tmp_path):

@@ -12,7 +12,7 @@ from test_packing import G, batch, value_and_grads
 from test_train_loss import fixed_rollout, grads, per_row_logits
 from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig
 
-from grpo_fast import generate_groups, reference, rollout, tiny, train
+from grpo_fast import config, generate_groups, reference, rollout, tiny, train
 from grpo_fast.config import PRESETS, Config
 from grpo_fast.packing import completion_hidden_states, lm_head, sequence_logps
 
@@ -150,7 +150,7 @@ def test_trainer_loss_equals_reference_on_own_logits(arch, tmp_path, trainer_cpu
     model.zero_grad()
     want, metrics = reference.grpo_loss(
         per_row_logits(model, roll).double(), roll.completion_ids, roll.completion_mask, advantages=adv.double(),
-        old_logps=old, ref_logps=ref, beta=0.04, temperature=0.9, loss_type="grpo", max_completion_length=6,
+        old_logps=old, ref_logps=ref, temperature=0.9, **config.loss_options(cfg),
     )  # fmt: skip
     want.backward()
     assert metrics["clip_ratio_low"] > 0 and metrics["clip_ratio_high"] > 0

@@ -53,6 +53,7 @@ FILES = {  # name -> text
     "empty.jsonl": "",
     "lora-false.yaml": 'lora: "false"\n',
     "lora-no.json": json.dumps({"lora": "no"}),
+    "bias-yes.yaml": 'use_bias_correction_kl: "yes"\n',
     "steps-float.yaml": "max_steps: 3.7\n",
     "weights-scalar.yaml": "reward_weights: 1.0\n",
     "lr-list.yaml": "learning_rate: [0.1]\n",
@@ -194,6 +195,20 @@ CASES = [
     ("group-size-one", ["--group-size", "1"], r"group_size must be >= 2"),
     ("max-new-tokens-too-many", ["--max-new-tokens", "100"], r"exceeds the model's 64 positions"),
     ("loss-type-unknown", ["--loss-type", "ppo"], r"loss_type must be one of"),
+    # issue 11: TRL's loss options, overlong punishment, dynamic sampling, recipe presets
+    ("top-entropy-quantile-above-1", ["--top-entropy-quantile", "1.5"], r"top_entropy_quantile must lie in \[0, 1\]"),
+    ("top-entropy-quantile-negative", ["--top-entropy-quantile=-0.1"], r"top_entropy_quantile must be a finite num"),
+    ("sapo-temperature-zero", ["--sapo-temperature-neg", "0"], r"sapo_temperature_neg must be a finite positive"),
+    ("vespo-k-nan", ["--vespo-k-pos", "nan"], r"vespo_k_pos must be a finite number, got nan"),
+    ("entropy-coef-inf", ["--entropy-coef", "inf"], r"entropy_coef must be a finite number, got inf"),
+    ("off-policy-threshold-nan", ["--off-policy-mask-threshold", "nan"], r"off_policy_mask_threshold must be a finite"),
+    ("delta-zero", ["--delta", "0"], r"delta must be a finite positive number, got 0"),
+    ("bias-correction-string", ["--config", "{tmp}/bias-yes.yaml"], r"use_bias_correction_kl must be true or false"),
+    ("soft-punish-cache-zero", ["--soft-punish-cache", "0"], r"soft_punish_cache must be in \[1, max_new_tokens=4\]"),
+    ("soft-punish-cache-above-budget", ["--soft-punish-cache", "5"], r"soft_punish_cache must be in \[1, max_new_toke"),
+    ("dynamic-sampling-max-batches-zero", ["--dynamic-sampling-max-batches", "0"],
+     r"dynamic_sampling_max_batches must be >= 1, got 0"),
+    ("preset-unknown", ["--preset", "dapo", "ppo"], r"--preset must name presets of \[.*\], got \['ppo'\]"),
     ("top-p-zero", ["--top-p", "0"], r"top_p must be in \(0, 1\]"),
     # argparse's own errors: exit 2 with its usage line
     ("flag-not-an-int", ["--group-size", "abc"], r"argument --group-size: invalid int value: 'abc'"),
@@ -278,3 +293,24 @@ def test_config_file_values_that_are_valid(tmp_path):
     assert (cfg.learning_rate, cfg.reward_weights, cfg.lora, cfg.epsilon_high, cfg.max_steps) == (
         1e-5, [1.0, 0.5], False, None, 7)  # fmt: skip
     assert isinstance(cfg.reward_weights[0], float)
+
+
+def test_resume_from_a_checkpoint_older_than_the_kl_bias_correction(tmp_path, capsys, monkeypatch, checkpointed):
+    """A config stored before use_bias_correction_kl existed ran without it: with a KL term, resuming under today's
+    default (TRL's, True) would change the gradient, and is refused; without a KL term it changes nothing."""
+    prepare(tmp_path, monkeypatch)
+    out = tmp_path / "copy"
+    shutil.copytree(checkpointed, out)
+    state_file = out / "checkpoints" / "checkpoint-0000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["use_bias_correction_kl"]
+    state_file.write_text(json.dumps(state | {"config": state["config"] | {"beta": 0.04}}))
+    rc, err = run_cli(tmp_path, capsys, ["--max-steps", "3", "--resume", "--beta", "0.04"], out=out)
+    assert rc == 2 and "use_bias_correction_kl: False -> True" in err, err
+    uncorrected = ["--max-steps", "3", "--resume", "--beta", "0.04", "--no-use-bias-correction-kl"]
+    rc, err = run_cli(tmp_path, capsys, uncorrected, out=out)
+    assert rc == 0 and "resumed from" in err, err
+    state_file.write_text(json.dumps(state))  # beta 0, as the run was
+    shutil.rmtree(out / "checkpoints" / "checkpoint-0000003")
+    rc, err = run_cli(tmp_path, capsys, ["--max-steps", "3", "--resume"], out=out)
+    assert rc == 0 and "resumed from" in err, err

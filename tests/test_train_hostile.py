@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grpo_fast import checkpoint, dataset_rows, run_log, schedule, tiny, train
+from grpo_fast import accumulation, checkpoint, dataset_rows, run_log, schedule, tiny, train
 from grpo_fast.config import PRESETS, Config
 
 pytestmark = pytest.mark.usefixtures("trainer_cpu_path")
@@ -216,14 +216,14 @@ def test_d11_a_local_csv_trains(tmp_path, capsys):
 def test_a_nan_loss_is_reported_and_not_applied(tmp_path, capsys, monkeypatch):
     """Active NaN (here in the hidden states, as from an overflow) makes the loss NaN on the trainer's path: the
     step is reported and skipped, the weights untouched."""
-    real = train.hidden
+    real = accumulation.hidden
 
     def poisoned(model, mb, cfg):
         h = real(model, mb, cfg).clone()
         h[0, 0, 0] = math.nan  # the first completion token is always active
         return h
 
-    monkeypatch.setattr(train, "hidden", poisoned)
+    monkeypatch.setattr(accumulation, "hidden", poisoned)
     out = tmp_path / "run"
     rc, err = cli(out, capsys, "--max-steps", 2)
     assert rc == 0, err

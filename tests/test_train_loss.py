@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from grpo_fast import reference, tiny, train
+from grpo_fast import config, reference, tiny, train
 from grpo_fast.config import PRESETS, Config
 from grpo_fast.rollout import Rollout
 
@@ -48,17 +48,38 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize(
-    "loss_type, level, beta, old",
-    [
-        ("dapo", "token", 0.0, False),
-        ("grpo", "token", 0.04, True),
-        ("bnpo", "sequence", 0.0, True),
-        ("dr_grpo", "token", 0.1, True),
-    ],
-)
+# (loss_type, importance_sampling_level, beta, old log-probs, other options): every loss type, both levels, the KL
+# with and without bias correction, and each option that needs the whole step's batch (entropy quantile and bonus,
+# off-policy mask, vespo's and luspo's per-row terms) across micro-batches
+CASES = [
+    ("dapo", "token", 0.0, False, {}),
+    ("grpo", "token", 0.04, True, {}),
+    ("bnpo", "sequence", 0.0, True, {}),
+    ("dr_grpo", "token", 0.1, True, dict(use_bias_correction_kl=False)),
+    ("cispo", "token", 0.04, True, dict(epsilon_high=1.1)),
+    ("sapo", "token", 0.04, True, dict(sapo_temperature_pos=0.9, sapo_temperature_neg=1.2)),
+    ("luspo", "sequence", 0.0, True, {}),
+    ("vespo", "token", 0.0, True, dict(vespo_k_pos=1.5, vespo_lambda_neg=2.5)),
+    ("grpo", "token", 0.0, True, dict(top_entropy_quantile=0.5, entropy_coef=0.05)),
+    ("dapo", "token", 0.04, True, dict(top_entropy_quantile=0.5, entropy_coef=-0.1, delta=1.2)),
+    ("luspo", "token", 0.0, True, dict(entropy_coef=0.02, off_policy_mask_threshold=0.05)),
+    ("dr_grpo", "sequence", 0.0, True, dict(top_entropy_quantile=0.5)),
+    ("sapo", "token", 0.0, True, dict(top_entropy_quantile=0.55, entropy_coef=0.03)),
+    ("cispo", "sequence", 0.04, True, dict(entropy_coef=0.01, epsilon_high=1.05)),
+]
+
+
+def case_id(case) -> str:
+    loss_type, level, beta, old, extra = case
+    return "-".join([loss_type, level, f"beta{beta}", "old" if old else "on", *sorted(extra)])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_trainer_loss_matches_reference(loss_type, level, beta, old, dtype):
+def test_trainer_loss_matches_reference(case, dtype):
+    """accumulate over micro-batches of 2 + 1 groups equals the reference loss of the whole batch: every option of
+    the config reaches the loss (config.loss_options names them all), reductions are the whole batch's."""
+    loss_type, level, beta, old, extra = case
     gen = torch.Generator().manual_seed(0)
     tok = tiny.build_tokenizer()
     model = tiny.build_model(tok, seed=1).to(dtype)
@@ -69,10 +90,9 @@ def test_trainer_loss_matches_reference(loss_type, level, beta, old, dtype):
         loss_type=loss_type,
         importance_sampling_level=level,
         beta=beta,
-        epsilon=0.1,
-        epsilon_high=0.15,
         temperature=0.9,
         max_new_tokens=6,
+        **(dict(epsilon=0.1, epsilon_high=0.15) | extra),
     )
     roll = fixed_rollout(len(tok), gen)
     adv = torch.randn(roll.completion_ids.shape[0], generator=gen, dtype=dtype)
@@ -93,26 +113,29 @@ def test_trainer_loss_matches_reference(loss_type, level, beta, old, dtype):
     got = grads(model)
 
     ref_model = tiny.build_model(tok, seed=1).double()
+    logits = per_row_logits(ref_model, roll)
     want_loss, want_metrics = reference.grpo_loss(
-        per_row_logits(ref_model, roll),
+        logits,
         roll.completion_ids,
         roll.completion_mask,
         advantages=adv.double(),
         old_logps=old_logps,
         ref_logps=ref_logps,
-        beta=beta,
-        epsilon=0.1,
-        epsilon_high=0.15,
         temperature=0.9,
-        loss_type=loss_type,
-        importance_sampling_level=level,
-        max_completion_length=cfg.max_new_tokens,
+        **config.loss_options(cfg),
     )
     want_loss.backward()
-    if old and level == "token":  # the inputs hit both clip branches
+    if loss_type == "cispo":  # some ratios capped, some not
+        assert 0 < want_metrics["cispo_clip_ratio"] < 1
+    elif old and level == "token" and loss_type != "vespo":  # the inputs hit both clip branches
         assert want_metrics["clip_ratio_low"] > 0 and want_metrics["clip_ratio_high"] > 0
     elif old:  # 9 per-row ratios: at least one row clips
         assert want_metrics["clip_ratio_region"] > 0
+    if cfg.top_entropy_quantile < 1:  # the step's threshold keeps some tokens, not all, and sits between tokens:
+        # a tiny random model's entropies lie within 1e-5 of each other, fp32 could not rank those the same way
+        assert 0 < want_metrics["entropy_mask_ratio"] < 1
+        entropy = reference.entropy_from_logits(logits.detach(), 0.9)[roll.completion_mask.bool()]
+        assert (entropy - want_metrics["entropy_threshold"]).abs().min() > 1e-4
     want = grads(ref_model)
     # float64 agrees to ~1e-7, not 1e-15: RoPE tables are computed in fp32 inside transformers
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
@@ -121,5 +144,6 @@ def test_trainer_loss_matches_reference(loss_type, level, beta, old, dtype):
     for name in want:
         scale = want[name].abs().max().clamp(min=1e-3)
         torch.testing.assert_close(got[name].double() / scale, want[name] / scale, **tol, msg=name)
-    for key in ("kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean"):
+    assert set(metrics) == set(want_metrics)
+    for key in want_metrics:
         torch.testing.assert_close(torch.tensor(metrics[key]).double(), want_metrics[key].double(), **tol, msg=key)
