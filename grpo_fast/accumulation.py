@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from . import config, distributed, reference
-from .fused_linear import fused_linear_grpo_loss, fused_linear_logps, fused_linear_logps_entropy
+from .fused_linear import fused_linear_grpo_loss, fused_linear_logps
 from .logit_head import logit_transform
 from .packing import completion_hidden_states, lm_head
 from .run_log import say
@@ -49,8 +49,9 @@ def logps(model, mb: dict, cfg, with_entropy: bool = False):
     """No-grad fused log-probs (b*G, T) of mb["ids"] under `model` (old or reference policy); with_entropy: also
     the entropy (b*G, T) of every position, from the same sweep."""
     h, weight, bias, head = distributed.forward(model, loss_inputs, mb, cfg)
-    fn = fused_linear_logps_entropy if with_entropy else fused_linear_logps
-    return fn(h, weight, mb["ids"], bias=bias, temperature=cfg.temperature, **head)
+    return fused_linear_logps(
+        h, weight, mb["ids"], bias=bias, temperature=cfg.temperature, return_entropy=with_entropy, **head
+    )
 
 
 @dataclass

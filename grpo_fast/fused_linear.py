@@ -1,8 +1,8 @@
 """Fused linear GRPO loss: final hidden states -> log-probs -> loss, never materializing the logits.
 
-Public: `fused_linear_logps`, `fused_linear_logps_entropy` and `fused_linear_grpo_loss`. Each validates on the
-host, then runs the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1; `grpo_fast.kernels.fused_linear_grpo`)
-or the chunked torch path below (plain CPU, and float64). The O(B*T) GRPO terms are `reference.py`'s, with
+Public: `fused_linear_logps` and `fused_linear_grpo_loss`. Each validates on the host, then runs the
+Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1; `grpo_fast.kernels.fused_linear_grpo`) or the
+chunked torch path below (plain CPU, and float64). The O(B*T) GRPO terms are `reference.py`'s, with
 autograd over the (B, T) log-probs only.
 
 Logit transforms (`grpo_fast.logit_head`): the logits are f(z) of z = hidden @ W^T + b, with
@@ -188,7 +188,8 @@ def fused_linear_logps(
     temperature: float = 1.0,
     logit_scale: float = 1.0,
     softcap: float | None = None,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log_softmax(f(hidden @ weight.T + bias) / temperature)[ids] without materializing the logits, where
     f(z) = softcap * tanh(logit_scale * z / softcap), or logit_scale * z when softcap is None.
 
@@ -197,33 +198,19 @@ def fused_linear_logps(
         ids: (...) int32/int64 in [0, V).
         logit_scale, softcap: the model's logit transform (finite, > 0; `grpo_fast.logit_head.logit_transform(model)`
             reads them: Granite 1 / logits_scaling, Cohere logit_scale, Gemma 2 final_logit_softcapping).
+        return_entropy: also return the entropy (...) of each position's distribution, from the same sweep over
+            the vocabulary (what an entropy quantile over many batches needs before any loss: the trainer's
+            top_entropy_quantile).
     Returns:
         logps (...) fp32 (fp64 for fp64 inputs), differentiable to hidden, weight and bias (each only if
-        it requires grad). Under torch.no_grad (old / reference log-probs) nothing is saved.
+        it requires grad); with return_entropy, (logps, entropy), both differentiable. Under torch.no_grad
+        (old / reference log-probs) nothing is saved.
     """
     checks.linear_head(hidden, weight, bias, ids, "ids")
     checks.positive_number(temperature, "temperature")
     head = LogitTransform(logit_scale, softcap)
-    return _logps_entropy(hidden, weight, bias, ids, temperature, with_entropy=False, head=head)[0]
-
-
-def fused_linear_logps_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    ids: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fused_linear_logps` and, from the same sweep over the vocabulary, the entropy (...) of each position's
-    distribution softmax(f(hidden @ weight.T + bias) / temperature): what an entropy quantile over many batches
-    (the trainer's top_entropy_quantile) needs before any loss. Same arguments, dtypes and gradients."""
-    checks.linear_head(hidden, weight, bias, ids, "ids")
-    checks.positive_number(temperature, "temperature")
-    head = LogitTransform(logit_scale, softcap)
-    return _logps_entropy(hidden, weight, bias, ids, temperature, with_entropy=True, head=head)
+    logps, entropy = _logps_entropy(hidden, weight, bias, ids, temperature, with_entropy=return_entropy, head=head)
+    return (logps, entropy) if return_entropy else logps
 
 
 def fused_linear_grpo_loss(

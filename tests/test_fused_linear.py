@@ -487,13 +487,13 @@ def test_kernel_tanh_and_slope(device):
 @pytest.mark.parametrize("path_device", PATHS, indirect=True)
 @pytest.mark.parametrize("head", [(1.0, None), HEADS["scale+softcap"]], ids=["identity", "scale+softcap"])
 def test_logps_entropy(path_device, head):
-    """fused_linear_logps_entropy: log-probs and entropies from one sweep, and the gradients of both, against float64
-    autograd; under no_grad (the trainer's entropy pass) the same values, nothing saved."""
+    """fused_linear_logps(return_entropy=True): log-probs and entropies from one sweep, and the gradients of both,
+    against float64 autograd; under no_grad (the trainer's entropy pass) the same values, nothing saved."""
     hidden, weight, bias = _head(path_device)
     ids = torch.randint(0, V, (B, T), device=path_device)
     leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
     transform = dict(temperature=0.7, logit_scale=head[0], softcap=head[1])
-    logps, entropy = fused_linear.fused_linear_logps_entropy(hidden, weight, ids, bias=bias, **transform)
+    logps, entropy = grpo_fast.fused_linear_logps(hidden, weight, ids, bias=bias, return_entropy=True, **transform)
     up_logp, up_ent = torch.randn(B, T, device=path_device), torch.randn(B, T, device=path_device)
     grads = torch.autograd.grad((logps * up_logp + entropy * up_ent).sum(), leaves)
     l64 = [t.detach().double().requires_grad_() for t in leaves]
@@ -509,6 +509,6 @@ def test_logps_entropy(path_device, head):
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=_fp32_atol(b))
     with torch.no_grad():
-        fast = fused_linear.fused_linear_logps_entropy(hidden, weight, ids, bias=bias, **transform)
+        fast = grpo_fast.fused_linear_logps(hidden, weight, ids, bias=bias, return_entropy=True, **transform)
     assert fast[1].grad_fn is None
     torch.testing.assert_close(fast, (logps.detach(), entropy.detach()))

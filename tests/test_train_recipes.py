@@ -13,6 +13,7 @@ import pytest
 import torch
 import trl_oracle
 from safetensors.torch import load_file
+from test_train_hostile import cli, comparable, interrupted_run
 from test_train_loss import fixed_rollout, grads, per_row_logits
 
 from grpo_fast import checkpoint, config, data, reference, rewards, run_log, tiny, train
@@ -22,7 +23,6 @@ pytestmark = pytest.mark.usefixtures("trainer_cpu_path")
 
 G = 3
 RECIPES = ("dapo", "gspo", "dr_grpo", "cispo")
-TIMINGS = {"tokens_per_s", "rollout_s", "update_s", "peak_mem_mb"}
 
 # gated: prompts whose word starts with a-d score the first completion token (a group's samples almost never all
 # start alike), e-h score 0.5 for every sample (never informative); flat: nothing is ever informative; rare: only
@@ -218,31 +218,18 @@ def test_dynamic_sampling_cap_trains_on_what_was_found(tmp_path, capsys, gate, r
         assert any(r["groups_trained"] > 0 for r in rows)
 
 
-def comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
-
-
-def test_dynamic_sampling_resume_is_exact(tmp_path, monkeypatch, gate):
-    """Killed after step 2's checkpoint, resumed: the same prompts, samples, metrics and weights as without."""
-    options = dict(rewards=["gate:gated"], dynamic_sampling=True, max_steps=4, save_steps=2)
-    full = train.run(tiny_cfg(tmp_path / "a", **options))
-    assert any(r["extra_prompts"] for r in full[2:])  # the resumed steps resample too
-    cfg, real = tiny_cfg(tmp_path / "b", **options), train.train_step
-
-    def dies_at_3(step, *args):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(step, *args)
-
-    monkeypatch.setattr(train, "train_step", dies_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(cfg)
-    monkeypatch.setattr(train, "train_step", real)
-    resumed = train.run(dataclasses.replace(cfg, resume=True))
-    assert [r["step"] for r in resumed] == [3, 4]
-    stitched = run_log.read_jsonl(tmp_path / "b" / "run" / "metrics.jsonl")
-    assert comparable(stitched) == comparable(json.loads(json.dumps(full)))
-    a, b = (load_file(tmp_path / x / "run" / "final" / "model.safetensors") for x in "ab")
+def test_dynamic_sampling_resume_is_exact(tmp_path, capsys, monkeypatch, gate):
+    """Killed when step 3 starts (checkpoint at 2), resumed: the same prompts, samples, metrics and weights."""
+    args = ("--rewards", "gate:gated", "--dynamic-sampling", "--max-steps", 4, "--save-steps", 2)
+    assert cli(tmp_path / "want", capsys, *args)[0] == 0
+    want = run_log.read_jsonl(tmp_path / "want" / "metrics.jsonl")
+    assert any(r["extra_prompts"] for r in want[2:])  # the resumed steps resample too
+    out = tmp_path / "run"
+    interrupted_run(out, capsys, monkeypatch, 3, *args)
+    rc, err = cli(out, capsys, *args, "--resume")
+    assert rc == 0, err
+    assert comparable(run_log.read_jsonl(out / "metrics.jsonl")) == comparable(want)
+    a, b = (load_file(p / "final" / "model.safetensors") for p in (out, tmp_path / "want"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
