@@ -150,13 +150,15 @@ def test_dynamic_sampling_and_entropy_quantile_two_ranks_equal_one_process(tmp_p
     """Issue 11: dynamic sampling decides on every rank's rewards (extra batches, dropped groups and the groups each
     rank trains agree with one process), the entropy quantile ranks every rank's tokens (a variable-length gather),
     the entropy bonus averages over the step's kept tokens; mask_truncated_completions and luspo's per-row sums."""
-    (tmp_path / "gate.py").write_text(
+    (tmp_path / "gate_ranks.py").write_text(
         "def gated(prompts, completions, completion_ids, **kw):\n"
         "    return [float(ids[0]) if p[0] in 'abcd' and ids else 0.5 for p, ids in zip(prompts, completion_ids)]\n"
     )  # e-h prompts: one reward for the whole group, dropped
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    values = SMALL | dict(rewards=["gate:gated"], dynamic_sampling=True, top_entropy_quantile=0.5, entropy_coef=0.01)
+    values = SMALL | dict(
+        rewards=["gate_ranks:gated"], dynamic_sampling=True, top_entropy_quantile=0.5, entropy_coef=0.01
+    )
     values |= dict(loss_type="luspo", mask_truncated_completions=True)
     out = tmp_path / "ddp"
     run = torchrun(tmp_path, values | dict(output_dir=str(out)))

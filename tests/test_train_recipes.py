@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -43,6 +44,7 @@ def rare(prompts, completions, completion_ids, *, answer, **kw):
 def gate(tmp_path, monkeypatch):
     (tmp_path / "gate.py").write_text(GATE)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "gate", raising=False)  # this test's module, not one an earlier test imported
 
 
 def tiny_cfg(tmp_path, **kw) -> Config:
