@@ -59,7 +59,7 @@ CASES = [
     ("cispo", "token", 0.04, True, dict(epsilon_high=1.1)),
     ("sapo", "token", 0.04, True, dict(sapo_temperature_pos=0.9, sapo_temperature_neg=1.2)),
     ("luspo", "sequence", 0.0, True, {}),
-    ("vespo", "token", 0.0, True, dict(vespo_k_pos=1.5, vespo_lambda_neg=2.5)),
+    ("vespo", "token", 0.0, True, dict(vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5, vespo_lambda_neg=2.5)),
     ("grpo", "token", 0.0, True, dict(top_entropy_quantile=0.5, entropy_coef=0.05)),
     ("dapo", "token", 0.04, True, dict(top_entropy_quantile=0.5, entropy_coef=-0.1, delta=1.2)),
     ("luspo", "token", 0.0, True, dict(entropy_coef=0.02, off_policy_mask_threshold=0.05)),
