@@ -25,14 +25,23 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class Config:
     # what to train
     model: str = ""  # Hugging Face id or local path; empty: the embedded tiny model (tiny preset)
-    dataset: str = "gsm8k"  # HF dataset id, local .jsonl/.parquet, or a built-in task: reverse, gsm8k
+    dataset: str = "gsm8k"  # HF dataset id, local .jsonl/.parquet, or built-in: reverse, gsm8k, arithmetic, countdown
     dataset_config: str | None = None  # HF dataset configuration name (e.g. "main")
-    dataset_split: str = "train"  # HF dataset split
+    dataset_split: str = "train"  # HF dataset split; arithmetic/countdown: train, or test (the held-out problems)
     prompt_column: str = "prompt"  # dataset column holding the prompt (text or chat messages)
     answer_column: str = "answer"  # dataset column the math reward compares with
     system_prompt: str | None = None  # system message, when the tokenizer has a chat template
     rewards: list[str] = field(default_factory=lambda: ["math"])  # built-in names or module:function
     reward_weights: list[float] | None = None  # one weight per reward function; none: all 1
+    # built-in generated tasks (tasks.py): --dataset arithmetic | countdown
+    task_size: int = 2000  # training problems generated (fewer when the options allow fewer distinct ones)
+    task_heldout: int = 200  # held-out problems (split "test"), drawn first and never among the training ones
+    task_seed: int = 1234  # seed of the generated problems (independent of --seed, so runs share a task)
+    arithmetic_operations: list[str] = field(default_factory=lambda: ["+"])  # arithmetic: drawn from + - * /
+    arithmetic_digits: int = 2  # arithmetic: digits per operand (1: 0-9); / divides exactly
+    countdown_numbers: int = 4  # countdown: numbers given per puzzle (2-6)
+    countdown_max_number: int = 25  # countdown: the numbers are drawn from 1..this
+    countdown_max_target: int = 100  # countdown: targets lie in 1..this
     # model and memory
     lora: bool = True  # LoRA adapters through peft; --no-lora: full fine-tuning
     lora_rank: int = 16  # LoRA rank r

@@ -8,10 +8,15 @@ from pathlib import Path
 
 import torch
 
+from . import tasks
+from .config import Config
+
 # Built-in tasks: name -> (source, HF config, split, column renames to prompt/answer).
 BUILTIN = {
     "reverse": ("tiny", None, None, {}),
     "gsm8k": ("openai/gsm8k", "main", "train", {"question": "prompt"}),
+    "arithmetic": ("arithmetic", None, None, {}),  # generated (tasks.py); split "train" or held-out "test"
+    "countdown": ("countdown", None, None, {}),
 }
 
 
@@ -25,8 +30,9 @@ def _load_hf(source: str, config: str | None, split: str):
     return datasets.load_dataset(source, config, split=split)
 
 
-def load(source: str, config: str | None, split: str, prompt_column: str, answer_column: str | None):
-    """Rows as a list-like of dicts (a `datasets.Dataset` or a list) with `prompt_column` present.
+def load(source: str, config: str | None, split: str, prompt_column: str, answer_column: str | None, task=None):
+    """Rows as a list-like of dicts (a `datasets.Dataset` or a list) with `prompt_column` present; `task` (a
+    Config) carries the options of the generated tasks (tasks.py), their defaults when None.
 
     Raises ValueError naming the dataset or the missing column.
     """
@@ -38,6 +44,9 @@ def load(source: str, config: str | None, split: str, prompt_column: str, answer
         from .tiny import reverse_task
 
         rows = reverse_task()
+        columns = list(rows[0])
+    elif source in tasks.GENERATORS:
+        rows = tasks.load(source, split, task or Config())
         columns = list(rows[0])
     else:
         is_file = source.endswith((".jsonl", ".json", ".parquet"))
@@ -57,7 +66,7 @@ def load(source: str, config: str | None, split: str, prompt_column: str, answer
 
 
 def needs_answer(rewards: list[str]) -> bool:
-    return any(name in ("math", "reverse") for name in rewards)
+    return any(name in ("math", "reverse", "arithmetic") for name in rewards)
 
 
 @dataclass

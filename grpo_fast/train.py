@@ -87,11 +87,7 @@ def check_inputs(cfg, model, rows, funcs, weights) -> None:
 
 
 def columns_of(rows: list[dict], cfg) -> dict[str, list]:
-    """Dataset columns as keyword lists for the reward functions; the answer column also as `answer`."""
-    columns = {k: [r[k] for r in rows] for k in rows[0] if k != cfg.prompt_column}
-    if cfg.answer_column in columns and "answer" not in columns:
-        columns["answer"] = columns[cfg.answer_column]
-    return columns
+    return rewards.columns(rows, cfg.prompt_column, cfg.answer_column)
 
 
 # -------------------------------------------------------------------------------------------- rollout
@@ -351,7 +347,7 @@ def run(cfg: config.Config) -> list[dict]:
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     tokenizer = policy.load_tokenizer(cfg.model)
-    rows = data.load(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.prompt_column, cfg.answer_column)
+    rows = data.load(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.prompt_column, cfg.answer_column, cfg)
     funcs = {name: rewards.resolve(name, cfg.max_new_tokens) for name in cfg.rewards}
     weights = cfg.reward_weights or [1.0] * len(funcs)
     model, ref = policy.load_policy(cfg, tokenizer, device)
