@@ -43,7 +43,7 @@ def load(source: str, config: str | None, split: str, prompt_column: str, answer
     if source == "tiny":
         from .tiny import reverse_task
 
-        rows = reverse_task()
+        rows = reverse_task(split=split)
         columns = list(rows[0])
     elif source in tasks.GENERATORS:
         rows = tasks.load(source, split, task or Config())

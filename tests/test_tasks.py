@@ -1,11 +1,12 @@
 """Built-in generated tasks (arithmetic, countdown): deterministic for a seed, held-out split disjoint from the
-training split, reachable as --dataset with their rewards; the rewards on hand-written completions."""
+training split, reachable as --dataset with their rewards; the rewards on hand-written completions; the held-out
+split of the embedded reverse task."""
 
 import dataclasses
 
 import pytest
 
-from grpo_fast import config, data, rewards, tasks
+from grpo_fast import config, data, rewards, tasks, tiny
 from grpo_fast.config import Config
 
 
@@ -121,3 +122,12 @@ def test_builtin_rewards_declare_their_maximum():
     assert all(rewards.maximum(rewards.resolve(n, 8)) == 1.0 for n in ("math", "format", "reverse", "arithmetic"))
     assert rewards.maximum(rewards.resolve("countdown", 8)) == 1.0
     assert rewards.maximum(rewards.resolve("length", 8)) is None  # a shaping term takes no part in pass rates
+
+
+def test_reverse_task_held_out_words_never_train():
+    train, test = tiny.reverse_task(), data.load("reverse", None, "test", "prompt", "answer")
+    assert len(test) == tiny.HELDOUT and len({r["prompt"] for r in test}) == tiny.HELDOUT
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert train == tiny.reverse_task() and all(r["answer"] == r["prompt"][:-1][::-1] for r in train + test)
+    with pytest.raises(ValueError, match="dataset_split"):
+        tiny.reverse_task(split="validation")
