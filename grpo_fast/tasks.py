@@ -27,6 +27,7 @@ OPERATIONS = ("+", "-", "*", "/")
 _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}  # exact where used
 _SPLITS = ("train", "test")
 _DRAWS_PER_PROBLEM = 50  # draw budget: a problem space smaller than asked gives fewer training prompts
+_PUZZLE_ATTEMPTS = 10_000  # countdown draws in a row that may miss (out of range, trivial) before options are refused
 
 
 def _distinct(draw: Callable, key: Callable, split: str, size: int, heldout: int, seed: int, name: str) -> list[dict]:
@@ -45,7 +46,7 @@ def _distinct(draw: Callable, key: Callable, split: str, size: int, heldout: int
             (test if len(test) < heldout else train).append(row)
     if not train:
         raise ValueError(
-            f"{name}: the options allow only {len(seen)} distinct problems, all taken by the held-out split "
+            f"{name}: found only {len(seen)} distinct problems for these options, all taken by the held-out split "
             f"(task_heldout={heldout}); lower task_heldout or widen the task"
         )
     return test if split == "test" else train
@@ -140,9 +141,10 @@ def countdown(
         raise ValueError(f"countdown_max_number and countdown_max_target must be >= 1, got {max_number}, {max_target}")
 
     def draw(rng: random.Random) -> dict:
-        while (row := _countdown_problem(rng, numbers, max_number, max_target)) is None:
-            pass
-        return row
+        for _ in range(_PUZZLE_ATTEMPTS):
+            if (row := _countdown_problem(rng, numbers, max_number, max_target)) is not None:
+                return row
+        raise ValueError(f"countdown: no puzzle found for these options (countdown_max_target={max_target} too small?)")
 
     key = lambda row: (tuple(sorted(row["numbers"])), row["target"])
     return _distinct(draw, key, split, size, heldout, seed, "countdown")

@@ -56,6 +56,8 @@ def test_countdown_puzzles_are_solvable():
         assert len(r["numbers"]) == 3 and all(1 <= n <= 10 for n in r["numbers"])
         assert 1 <= r["target"] <= 50 and r["target"] not in r["numbers"]
         assert tasks.check_countdown(r["answer"], r["numbers"], r["target"])  # the stored solution verifies
+    with pytest.raises(ValueError, match="no puzzle found"):
+        tasks.countdown(max_number=1, max_target=1)  # 1 op 1 never gives a target in 1..1 that is not a number
 
 
 def reward(name: str, completions: list[str], **columns) -> list[float]:
