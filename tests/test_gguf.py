@@ -75,6 +75,9 @@ def test_tiny_gguf_loads_as_the_dense_model_the_file_holds(tmp_path):
     x = torch.tensor([ids])
     with torch.no_grad():
         assert torch.equal(model(x).logits, reference(x).logits)  # q/k rows un-permuted, Q8_0 dequantized exactly
+    where, kwargs = gguf_models.model_args(str(path))  # the GPU's training dtype, bf16
+    half = gguf_models.make_trainable(AutoModelForCausalLM.from_pretrained(where, dtype=torch.bfloat16, **kwargs), path)
+    assert all(torch.equal(v, reference.state_dict()[k].bfloat16()) for k, v in half.state_dict().items())
 
 
 @pytest.mark.parametrize("lora", [True, False])
