@@ -4,10 +4,11 @@ template the file carries.
 
 Every weight is dequantized at load time (`GgufConfig(dequantize=True)` where transformers has it; older
 versions always dequantize): training needs dense weights, and the packed GGUF matmul kernels that newer
-transformers can keep are inference-only. transformers may still mark the dense model as quantized, and
-`save_pretrained` then refuses it; `make_trainable` checks that nothing packed is left and removes the mark,
-so checkpoints and `final/` hold an ordinary transformers model (full fine-tuning) or a peft adapter whose
-`base_model_name_or_path` is the GGUF file (LoRA: load the base with `gguf_file=`, then `PeftModel`).
+transformers can keep are inference-only. A GGUF model loaded without that option is dense but marked
+quantized (transformers 5.17 and 5.24), and `save_pretrained` refuses it; `make_trainable` checks that nothing
+packed is left and removes any such mark, so checkpoints and `final/` hold an ordinary transformers model (full
+fine-tuning) or a peft adapter whose `base_model_name_or_path` is the GGUF file (LoRA: load the base with
+`gguf_file=`, then `PeftModel`).
 """
 
 from __future__ import annotations

@@ -80,6 +80,16 @@ def test_tiny_gguf_loads_as_the_dense_model_the_file_holds(tmp_path):
     assert all(torch.equal(v, reference.state_dict()[k].bfloat16()) for k, v in half.state_dict().items())
 
 
+def test_gguf_model_marked_quantized_is_unmarked_and_saves(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    reference = write_tiny_llama(path)
+    marked = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    assert marked.hf_quantizer is not None  # dense, but transformers refuses to save it as it is
+    gguf_models.make_trainable(marked, path).save_pretrained(tmp_path / "saved")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in saved.state_dict().items())
+
+
 @pytest.mark.parametrize("lora", [True, False])
 def test_tiny_gguf_trains_resumes_and_final_loads_back(tmp_path, monkeypatch, lora):
     path, out = tmp_path / "tiny.gguf", tmp_path / "run"
