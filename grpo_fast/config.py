@@ -90,7 +90,15 @@ class Config:
 
 
 PRESETS: dict[str, dict] = {
-    # The embedded default: tiny Llama, reverse-a-word task, full fine-tuning at a high learning rate.
+    # The embedded default: tiny Llama (tiny.py), reverse 3-letter words, full fine-tuning. Chosen over seeds 0-3
+    # by the mean reward of the last 20% of steps (issue 10). The former lr 2e-3, 600 steps collapsed early (every
+    # group's samples identical, entropy 0.05) at 0.61; a lower learning rate keeps the samples diverse until the
+    # copy rule is learned: lr 1e-3 (1200 steps) 0.60-1.0 by seed, 5e-4 (2000) 0.69-1.0, 3e-4 (2000) 0.995-0.996
+    # in every seed with held-out greedy pass rate 1.0 (1500 steps: 0.95-0.99). max_new_tokens is the word length:
+    # with room for a 4th token the model must also learn to emit EOS there, and 4 of 7 runs never did (0.75:
+    # letters right, no stop). Temperature 1.5 (sampling and loss): seed 2, 1500 steps, 0.953 vs 0.939 at 1.0.
+    # epsilon_high alone changes nothing here: one update per rollout keeps the ratio at 1, so no clip binds.
+    # The reward-curve PNG is redrawn every 100 steps (each redraw costs about as much as a few steps).
     "tiny": dict(
         model="",
         dataset="reverse",
@@ -100,11 +108,13 @@ PRESETS: dict[str, dict] = {
         prompts_per_step=16,
         micro_batch_groups=16,
         max_prompt_length=16,
-        max_new_tokens=4,
-        learning_rate=2e-3,
-        max_steps=600,
+        max_new_tokens=3,
+        temperature=1.5,
+        learning_rate=3e-4,
+        max_steps=2000,
         output_dir="runs/tiny",
-        save_steps=200,
+        save_steps=500,
+        plot_steps=100,
         cpu_threads=1,
     ),
     # A real small model on GSM8K with LoRA: the usual first GPU run.
