@@ -8,10 +8,16 @@ from pathlib import Path
 
 import torch
 
-# Built-in tasks: name -> (source, HF config, column renames to prompt/answer); the split is --dataset-split.
+from . import tasks
+from .config import Config
+
+# Built-in tasks: name -> (source, HF config, column renames to prompt/answer); the split is --dataset-split
+# (generated tasks and reverse: "train", or the held-out "test").
 BUILTIN = {
     "reverse": ("tiny", None, {}),
     "gsm8k": ("openai/gsm8k", "main", {"question": "prompt"}),
+    "arithmetic": ("arithmetic", None, {}),  # generated (tasks.py)
+    "countdown": ("countdown", None, {}),
 }
 
 
@@ -49,8 +55,9 @@ def _load_hf(source: str, config: str | None, split: str):
     return datasets.load_dataset(source, config, split=split)
 
 
-def load(source: str, config: str | None, split: str, prompt_column: str, answer_column: str | None):
-    """Rows as a list-like of dicts (a `datasets.Dataset` or a list) with `prompt_column` present.
+def load(source: str, config: str | None, split: str, prompt_column: str, answer_column: str | None, task=None):
+    """Rows as a list-like of dicts (a `datasets.Dataset` or a list) with `prompt_column` present; `task` (a
+    Config) carries the options of the generated tasks (tasks.py), their defaults when None.
 
     Raises ValueError naming the dataset or the missing column.
     """
@@ -61,7 +68,10 @@ def load(source: str, config: str | None, split: str, prompt_column: str, answer
     if source == "tiny":
         from .tiny import reverse_task
 
-        rows = reverse_task()
+        rows = reverse_task(split=split)
+        columns = list(rows[0])
+    elif source in tasks.GENERATORS:
+        rows = tasks.load(source, split, task or Config())
         columns = list(rows[0])
     else:
         try:

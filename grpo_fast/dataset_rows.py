@@ -14,7 +14,7 @@ import numpy as np
 from . import policy, rewards
 from .run_log import say
 
-ANSWER_REWARDS = ("math", "reverse")  # built-in rewards that compare with the `answer` keyword
+ANSWER_REWARDS = ("math", "reverse", "arithmetic")  # built-in rewards that compare with the `answer` keyword
 
 
 def column(rows, name: str) -> list:
@@ -84,18 +84,16 @@ def check_answers(rows, cfg) -> None:
                 f"{none[0]}): the math reward gives them no score")  # fmt: skip
 
 
-def reward_columns(rows: list[dict], cfg) -> dict[str, list]:
-    """Dataset columns as keyword lists for the reward functions, the prompt column left out; the answer column
-    also as `answer`, replacing a column of that name (the one the user named is the one the rewards score)."""
-    out = {k: [r[k] for r in rows] for k in rows[0] if k != cfg.prompt_column}
-    if cfg.answer_column in out:
-        out["answer"] = out[cfg.answer_column]
-    return out
-
-
 def dry_run(funcs, weights, rows, cfg) -> None:
     """Every reward function once on two rows with empty completions (which a policy may produce): a function
     that raises, miscounts or returns non-numbers fails here, before the model loads."""
     first = [rows[i] for i in range(min(2, len(rows)))]
     prompts = [r[cfg.prompt_column] for r in first]
-    rewards.score(funcs, weights, prompts, [""] * len(first), [[] for _ in first], reward_columns(first, cfg))
+    rewards.score(
+        funcs,
+        weights,
+        prompts,
+        [""] * len(first),
+        [[] for _ in first],
+        rewards.columns(first, cfg.prompt_column, cfg.answer_column),
+    )

@@ -1,4 +1,4 @@
-"""Loading the policy: the embedded tiny model or a Hugging Face model (id or local path), LoRA
+"""Loading the policy: the embedded tiny model or a Hugging Face model (id, local path or GGUF file), LoRA
 through peft, optional 4-bit base, gradient checkpointing; prompt encoding with the chat template."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import tiny
+from . import gguf_models, tiny
 
 
 def _looks_local(name: str) -> bool:
@@ -37,10 +37,11 @@ def load_tokenizer(name: str):
         return tiny.build_tokenizer()
     from transformers import AutoTokenizer
 
-    if _looks_local(name):
+    if _looks_local(name) and not gguf_models.is_gguf(name):
         _check_model_dir(Path(name).expanduser(), name)
+    where, extra = gguf_models.pretrained_args(name)  # a .gguf file: checked there
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(where, **extra)
     except Exception as e:
         raise ValueError(f"model: cannot load a tokenizer from {name!r}: {e}") from e
     if tok.pad_token_id is None:
@@ -54,6 +55,9 @@ def _hf_model(cfg, device: torch.device):
     kwargs = {"dtype": torch.bfloat16 if device.type == "cuda" and cfg.bf16 else torch.float32}
     # transformers' default attention (SDPA where the model supports it, else eager: GPT-OSS, Gemma 2); the engine
     # points the model at its own packed and cascade attention anyway (attention.py, cascade.py)
+    gguf = gguf_models.is_gguf(cfg.model)
+    if gguf and cfg.load_in_4bit:
+        raise ValueError("load_in_4bit cannot be combined with a GGUF model (its weights are dequantized to train)")
     if cfg.load_in_4bit:
         if importlib.util.find_spec("bitsandbytes") is None or device.type != "cuda":
             raise ValueError("load_in_4bit needs bitsandbytes installed and a CUDA GPU")
@@ -63,10 +67,13 @@ def _hf_model(cfg, device: torch.device):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
         kwargs["device_map"] = {"": device.index or 0}
+    where, extra = gguf_models.model_args(cfg.model)
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **extra)
     except Exception as e:
         raise ValueError(f"model: cannot load {cfg.model!r}: {e}") from e
+    if gguf:
+        gguf_models.make_trainable(model, cfg.model)
     return model if cfg.load_in_4bit else model.to(device)
 
 

