@@ -42,6 +42,7 @@ from .logit_head import logit_transform
 from .loss import group_advantages
 from .packing import completion_hidden_states, lm_head
 from .rollout import NonFiniteLogits, Rollout, generate_groups
+from .rollout_agreement import agreement_metrics, rollout_old_logps, training_logps_buffer
 from .run_log import say
 from .schedule import make_optimizer
 
@@ -81,7 +82,8 @@ def concat(rolls: list[Rollout]) -> Rollout:
     ids = torch.cat([widen(r.completion_ids, pad) for r in rolls])  # (B*G, Tc)
     mask = torch.cat([widen(r.completion_mask, 0) for r in rolls])
     lengths, finished = torch.cat([r.completion_lengths for r in rolls]), torch.cat([r.finished for r in rolls])
-    return Rollout([p for r in rolls for p in r.prompts], rolls[0].group_size, ids, mask, lengths, finished, pad)
+    logps = None if rolls[0].logps is None else torch.cat([widen(r.logps, 0.0) for r in rolls])
+    return Rollout([p for r in rolls for p in r.prompts], rolls[0].group_size, ids, mask, lengths, finished, pad, logps)
 
 
 @torch.no_grad()
@@ -91,6 +93,7 @@ def sample(model, prompt_ids: list, cfg, tokenizer, generator, first: int = 0) -
     rollout_groups divides every rank's share, and ranks draw different streams."""
     kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     kw |= dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator)
+    kw |= dict(return_logps=True, compile_decode={"auto": None, "on": True, "off": False}[cfg.compile_decode])
     n, rolls = cfg.rollout_groups or len(prompt_ids), []
     model.eval()
     try:
@@ -145,6 +148,7 @@ def micro_batches(roll, advantages: torch.Tensor, cfg) -> list[dict]:
                 ids=roll.completion_ids[g0 * G : g1 * G, :T],
                 mask=mask[:, :T],
                 advantages=advantages[g0 * G : g1 * G],
+                sampling=None if roll.logps is None else roll.logps[g0 * G : g1 * G, :T],  # the rollout's log-probs
             )
         )
     return out
@@ -169,9 +173,10 @@ def logps(model, mb: dict, cfg) -> torch.Tensor:
 
 
 def add_reference_logps(model, ref, mbs: list[dict], cfg) -> None:
-    """Old log-probs (only when a rollout feeds several updates) and reference log-probs (beta != 0)."""
+    """Old log-probs (only when a rollout feeds several updates, and old_logps_from=training) and reference log-probs
+    (beta != 0)."""
     for mb in mbs:
-        mb["old"] = logps(model, mb, cfg) if cfg.num_iterations > 1 else None
+        mb["old"] = logps(model, mb, cfg) if cfg.num_iterations > 1 and cfg.old_logps_from == "training" else None
         if ref is not None:
             with policy.reference_context(model, ref):
                 mb["ref"] = logps(ref, mb, cfg)
@@ -190,6 +195,8 @@ def accumulate(model, mbs: list[dict], cfg) -> tuple[torch.Tensor, dict]:
     total, metrics = torch.zeros(()), {}
     for mb in mbs:
         h, weight, bias, head = distributed.forward(model, loss_inputs, mb, cfg)
+        if cfg.old_logps_from == "rollout" and mb["old"] is None:  # first update: old log-probs and IS weights
+            rollout_old_logps(h, weight, bias, head, mb, cfg)
         loss, m = fused_linear_grpo_loss(
             h,
             weight,
@@ -208,6 +215,8 @@ def accumulate(model, mbs: list[dict], cfg) -> tuple[torch.Tensor, dict]:
             importance_sampling_level=cfg.importance_sampling_level,
             max_completion_length=cfg.max_new_tokens,
             num_items_in_batch=max(tokens, 1.0) if by_tokens else None,
+            importance_sampling_ratio=mb.get("is_ratio"),
+            logps_out=training_logps_buffer(mb),
             **head,
         )
         share = mb["ids"].shape[0] / rows
@@ -278,6 +287,7 @@ def train_step(step, cfg, model, ref, optimizer, scheduler, batch, prompt_ids, f
     update_s = time.perf_counter() - t1
     (tokens,) = distributed.all_sum([float(roll.completion_mask.sum())])  # all ranks' tokens; rank 0's clock
     row = {"step": step + 1, **stats, **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]}}
+    row |= agreement_metrics(mbs)  # rollout vs training log-probs of the first update
     row |= {"tokens_per_s": tokens / (rollout_s + update_s), "rollout_s": rollout_s, "update_s": update_s}
     row["peak_mem_mb"] = distributed.all_max([peak_mem_mb(roll.completion_ids.device)])[0]
     return row, prompts, completions, r[mine].tolist()
