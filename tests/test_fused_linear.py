@@ -421,7 +421,8 @@ def test_loss_logit_transform(path_device, head, level):
 
 @pytest.mark.parametrize("path_device", PATHS, indirect=True)
 @pytest.mark.parametrize("options", [dict(entropy_coef=0.05), dict(entropy_coef=0.05, top_entropy_quantile=0.5),
-                                     dict(loss_type="cispo", epsilon_high=1.2)], ids=["bonus", "bonus+quantile", "cispo"])  # fmt: skip
+                                     dict(loss_type="cispo", epsilon_high=1.2)],
+                         ids=["bonus", "bonus+quantile", "cispo"])  # fmt: skip
 def test_entropy_terms_through_softcap(path_device, options):
     """The entropy bonus' gradient (dH/dy) and the entropy mask pass through the softcap's derivative, on the
     kernels' backward tiles and the chunked path alike (float64 reference: autograd through f)."""
