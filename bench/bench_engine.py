@@ -40,14 +40,7 @@ from grpo_fast.rollout_agreement import agreement_metrics  # noqa: E402
 
 SUITE = "engine"
 SHAPES = {
-    "qwen2.5-0.5b": dict(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
-    ),
-    "qwen2.5-1.5b": dict(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
-    ),
+    **common.QWEN25,
     "small": dict(  # CPU runs: counts to quote, timings not
         vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,

@@ -37,16 +37,7 @@ from grpo_fast import train  # noqa: E402
 from grpo_fast.config import Config  # noqa: E402
 
 SUITE = "step"
-SHAPES = {
-    "qwen2.5-0.5b": dict(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
-    ),
-    "qwen2.5-1.5b": dict(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
-    ),
-}  # fmt: skip
+SHAPES = common.QWEN25
 TINY = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=256,

@@ -49,6 +49,16 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QWEN25 = {  # Qwen2.5 configs (real sizes; the suites use random weights): engine and step
+    "qwen2.5-0.5b": dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
+    ),
+    "qwen2.5-1.5b": dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
+    ),
+}  # fmt: skip
 PACKAGES = ("torch", "triton", "transformers", "peft", "liger-kernel", "trl", "grpo-fast")
 TABLE_COLUMNS = ("case", "mode", "provider", "median_ms", "lo_ms", "hi_ms", "peak_mb")
 

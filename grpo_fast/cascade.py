@@ -31,7 +31,7 @@ from .attention import (
 
 CASCADE = "grpo_fast_cascade"
 PREFILL_CHUNK = 512  # queries per block when the prefill materializes its scores (sinks, soft-capping)
-PREFIX_BUCKET = 64  # prompt K/V slots come in multiples of this: few distinct shapes for the compiled decode step
+PREFIX_BUCKET = 16  # prompt K/V slots come in multiples of this (after two sizes the compiled step is dynamic in it)
 
 
 @dataclass
