@@ -166,8 +166,9 @@ def rollout_fn(model, provider: str, prompt: torch.Tensor, G: int):
         return lambda new: model.generate(
             prompt[None], do_sample=True, num_return_sequences=G, max_new_tokens=new, min_new_tokens=new
         )
-    compiled = provider == "grpo_fast[compiled]"
-    return lambda new: generate_groups(model, [prompt], G, max_new_tokens=new, generator=gen, compile_decode=compiled)
+    compiled = provider == "grpo_fast[compiled]"  # with the log-probs, as the trainer samples (one compiled graph)
+    kw = dict(generator=gen, compile_decode=compiled, return_logps=True)
+    return lambda new: generate_groups(model, [prompt], G, max_new_tokens=new, **kw)
 
 
 def ops_row(case: str, provider: str, run, new: int, device: torch.device) -> dict:

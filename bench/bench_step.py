@@ -15,7 +15,8 @@ peak_mb is the absolute CUDA peak of the step (weights included: the number a co
 frac_floor = the step's physical floor / its median time (bench_engine.py's rule: prefill 2*P FLOPs per prompt
 token and one read of the weights per decode step, then 6*P FLOPs per trained token).
 `--quick` runs a tiny config on CPU (a smoke run; the numbers mean nothing). --headline (the device check): the
-Qwen2.5-0.5B shape with 256 new tokens, one timed step after the warm-up. Last stdout line: one JSON object.
+Qwen2.5-0.5B shape with 256 new tokens against TRL (not TRL+Liger), one timed step after the warm-up (which pays the
+compilation of the decode step). Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def run(quick: bool, device: torch.device, ceilings: dict, select=common.EVERYTH
             return {**out, "peak_mb": peak(device)}
 
         rows.append(measured(case, "grpo_fast", ours_row, device, floor))
-        for provider, liger in (("trl", False), ("trl+liger", True)):
+        for provider, liger in (("trl", False), ("trl+liger", True))[: 1 if select.headline else 2]:
             fn = lambda shape=shape, liger=liger: trl_step(shape, s, device, reps, liger)  # noqa: E731
             rows.append(measured(case, provider, fn, device, floor))
     return rows

@@ -10,8 +10,9 @@
   compile, and the aten ops it calls for GEMMs and fallbacks), `aten_ops` the latter alone.
 
 generate_groups' steps are counted one by one (decode._Stepper calls wrapped in a profiler range or the counter),
-averaged over all steps but the first (the warm-up, and on CUDA the capture). transformers' generate is counted as
-the difference of two budgets, divided by the difference of steps: prefill and setup cancel out.
+averaged over all steps but the first (the warm-up, and on CUDA the capture, which runs before the profiler starts).
+transformers' generate is counted as the difference of two budgets, divided by the difference of steps: prefill and
+setup cancel out.
 """
 
 from __future__ import annotations
@@ -92,12 +93,22 @@ def generate_groups_per_step(rollout: Callable[[], object], device: torch.device
             rollout()
         return _mean([{"aten_ops": c.count, "kernels": c.count} for c in counters[1:]])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with _wrapped_steps(lambda: record_function(STEP)), profile(activities=activities) as prof:
+    prof, calls = profile(activities=activities), []
+
+    def around():  # the profiler starts at the second step: the first one's CUDA graph capture runs unprofiled
+        calls.append(1)
+        if len(calls) == 2:
+            prof.start()
+        return record_function(STEP) if len(calls) > 1 else contextlib.nullcontext()
+
+    with _wrapped_steps(around):
         rollout()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    steps = sorted((e for e in prof.events() if e.name == STEP), key=lambda e: e.time_range.start)
-    return _mean([_counts(e, device.type == "cuda") for e in steps[1:]])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if len(calls) < 2:
+        return {}
+    prof.stop()
+    return _mean([_counts(e, device.type == "cuda") for e in prof.events() if e.name == STEP])
 
 
 def call_counts(fn: Callable[[], object], device: torch.device) -> dict[str, int]:
