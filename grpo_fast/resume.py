@@ -24,7 +24,7 @@ from .run_log import say
 
 MAY_CHANGE = {
     "max_steps", "output_dir", "resume", "progress", "save_steps", "keep_checkpoints", "log_samples_steps",
-    "plot_steps", "cpu_threads", "micro_batch_groups", "gradient_checkpointing",
+    "plot_steps", "cpu_threads", "micro_batch_groups", "gradient_checkpointing", "compile_decode",
 }  # fmt: skip  # micro-batching only changes the order of a float sum; the others, no number at all
 
 
