@@ -90,6 +90,10 @@ class Config:
     soft_punish_cache: int | None = None  # its L_cache (the penalty's last tokens); none: max_new_tokens // 5, >= 1
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more to fill the step
     dynamic_sampling_max_batches: int = 4  # its cap: batches of prompts_per_step prompts per step, the first included
+    # held-out evaluation (heldout.py): greedy completions scored by the run's rewards, in metrics.jsonl as eval_*
+    eval_dataset: str | None = None  # a local data file, or a built-in task (its held-out split); none: the task's own
+    eval_prompts: int = 64  # held-out prompts per evaluation (the eval set's first N, the same every time); 0: none
+    eval_steps: int = 50  # evaluate at step 0, every K steps and after the last; 0: at step 0 and after the last only
     # optimization
     learning_rate: float = 1e-5  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
@@ -369,7 +373,8 @@ def parse(argv: list[str] | None = None) -> Config:
 AT_LEAST = dict(
     group_size=2, prompts_per_step=1, micro_batch_groups=1, max_prompt_length=1, max_new_tokens=1, max_steps=1,
     num_iterations=1, lora_rank=1, lora_alpha=1, top_k=0, rollout_groups=0, save_steps=0, keep_checkpoints=0,
-    log_samples_steps=0, plot_steps=0, cpu_threads=0, seed=0, dynamic_sampling_max_batches=1,
+    log_samples_steps=0, plot_steps=0, cpu_threads=0, seed=0, dynamic_sampling_max_batches=1, eval_prompts=0,
+    eval_steps=0,
 )  # fmt: skip
 WHY = {"group_size": " (advantages compare samples within a group)", "lora_alpha": " (the LoRA scale is alpha / r)"}
 SEED_MAX = 2**32 - 1  # numpy's seed range
@@ -433,6 +438,10 @@ def _check_choices(cfg: Config) -> None:
             raise ValueError(f"{name} must not be empty")
     if not cfg.lora_target_modules:
         raise ValueError("lora_target_modules must name at least one module (or all-linear)")
+    if cfg.eval_dataset is not None and not cfg.eval_dataset.strip():
+        raise ValueError("eval_dataset must not be empty (omit it, or none, for the default)")
+    if cfg.eval_dataset is not None and cfg.eval_prompts == 0:
+        raise ValueError(f"eval_dataset is {cfg.eval_dataset!r} but eval_prompts is 0: nothing would be evaluated")
     if cfg.load_in_4bit and not cfg.model:
         raise ValueError("load_in_4bit applies to a --model; the embedded tiny model is never quantized")
     if cfg.dataset in GENERATED_TASKS and (
