@@ -3,11 +3,15 @@ with a frozen head (LoRA: no dW) and a trainable one.
 
 Providers, measured in the same run: grpo_fast.fused_linear_grpo_loss (logits never in memory),
 grpo_fast.grpo_loss over materialized logits (hidden @ W^T first), the torch reference (materialized, fp32
-log-softmax), a chunked torch version (token chunks under activation checkpointing), and Liger-Kernel's
-LigerFusedLinearGRPOLoss. Every call runs old and reference log-probs, beta=0.04, dapo. grpo_fast[<variant>]
-adds one of TRL's other options (common.VARIANTS); every option costs the same two sweeps over the tiles.
+log-softmax), a chunked torch version (token chunks under activation checkpointing), Liger-Kernel's
+LigerFusedLinearGRPOLoss, and TRL's own fused log-prob head (trl.kernels.ChunkedLogProbFunction, what
+GRPOTrainer 1.16 scores completions with: cuBLAS tiles folded by a Triton kernel, recomputed in backward) followed
+by the torch loss. Every call runs old and reference log-probs, beta=0.04, dapo. grpo_fast[<variant>] adds one of
+TRL's other options (common.VARIANTS); every option costs the same two sweeps over the tiles.
 
 Shapes: N=8192, H in {1536, 4096}, V=151936 bf16 on CUDA; N=512, H=256, V=32000 on a CPU; tiny with --quick.
+--headline (the device check): H=1536 and 4096 with a frozen head (LoRA), mode full, grpo_fast against the torch
+versions, Liger and TRL's head.
 
 Units: useful FLOPs are 2*N*H*V forward, 2*N*H*V for dHidden and 2*N*H*V for dW (trainable head only);
 `flops` adds the 2*N*H*V of recomputed logits for providers that recompute them in backward (grpo_fast
@@ -42,7 +46,8 @@ SUITE = "fused_linear"
 MODES = ("forward", "backward", "full")
 OPTIONS = dict(beta=0.04, epsilon=0.2, epsilon_high=0.28, temperature=1.0, loss_type="dapo")
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk in torch[chunked]: 128 MB bf16 + 256 MB fp32 log-softmax
-RECOMPUTES = {"grpo_fast", "torch[chunked]"}  # providers whose backward recomputes the logits
+RECOMPUTES = {"grpo_fast", "torch[chunked]", "trl[fused_head]"}  # providers whose backward recomputes the logits
+TRL_CHUNK = 32768  # vocabulary columns per tile: trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,10 @@ class Case:
     G: int  # group size of the rewards
     trainable: bool  # the head gets dW (full fine-tuning) or is frozen (LoRA)
     dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def headline(self) -> bool:  # run by --headline: the LoRA memory recipe's frozen head
+        return not self.trainable
 
     @property
     def name(self) -> str:
@@ -183,15 +192,30 @@ def _liger(inp, case, quick):
     return loss_fn
 
 
+def _trl_fused_head(inp, case, quick):
+    head = common.import_peer("trl.kernels", "ChunkedLogProbFunction")  # TRL >= 1.16
+
+    def loss_fn():
+        h2d, ids1d = inp["hidden"].view(-1, case.H), inp["ids"].view(-1)
+        outputs = ("log_probs", "entropy")  # what GRPOTrainer asks of it (add_fused_lm_head)
+        logps, _entropy, *_ = head.apply(h2d, inp["weight"], None, ids1d, OPTIONS["temperature"], TRL_CHUNK, None, 1.0,
+                                         outputs)  # fmt: skip
+        return _loss_from_logps(logps.view(case.B, case.T).float(), inp)
+
+    return loss_fn
+
+
 PROVIDERS: dict[str, Callable] = {
     "grpo_fast": _grpo_fast,
     "grpo_fast[logits]": _grpo_fast_logits,
     "torch": _torch,
     "torch[chunked]": _torch_chunked,
     "liger": _liger,
+    "trl[fused_head]": _trl_fused_head,
 }
 PROVIDERS |= {f"grpo_fast[{v}]": (lambda inp, case, quick, v=v: _grpo_fast(inp, case, quick, v)) for v in VARIANTS}
 RECOMPUTES |= {f"grpo_fast[{v}]" for v in VARIANTS}
+HEADLINE = ("grpo_fast", "grpo_fast[logits]", "torch", "torch[chunked]", "liger", "trl[fused_head]")  # mode full
 
 
 def bench_fn(provider: str, case: Case, mode: str, device: torch.device, quick: bool = False):
@@ -209,10 +233,11 @@ def _units(r: dict, case: Case, ceilings: dict) -> dict:
     return {**r, "tflops": tflops, "frac_matmul": tflops / ceilings["matmul_tflops"], "x_floor": seconds / floor_s}
 
 
-def run(quick: bool, device: torch.device, ceilings: dict) -> list[dict]:
-    """Every case x mode x provider as a row; see the module docstring for the units."""
+def run(quick: bool, device: torch.device, ceilings: dict, select=common.EVERYTHING) -> list[dict]:
+    """Every (selected) case x mode x provider as a row; see the module docstring for the units."""
     units = lambda r, case: _units(r, case, ceilings)
-    return common.run_grid(SUITE, cases(quick, device), MODES, PROVIDERS, bench_fn, units, device, quick)
+    modes, providers = select.pick(MODES, ("full",)), select.pick(PROVIDERS, HEADLINE)
+    return common.run_grid(SUITE, select.cases(cases(quick, device)), modes, providers, bench_fn, units, device, quick)
 
 
 # pytest-benchmark: `pytest bench/bench_fused_linear.py --benchmark-only` (bench/ is not in CI's testpaths).

@@ -9,6 +9,8 @@ the entropy bonus stay one pass; gspo, vespo, top_entropy_quantile and off_polic
 read, then the backward's read and write: 3*N*V*b against the floor's 2*N*V*b).
 
 Shapes: N=8192, V=151936 (bf16 and fp32) on CUDA; N=512, V=32000 on a CPU; tiny with --quick.
+--headline (the device check): N=8192, V=151936 bf16, mode full, grpo_fast against torch eager, torch.compile,
+Liger and TRL.
 
 Units: the bytes floor is N*V*b for forward (read the logits once), N*V*b for backward (write dlogits
 once) and 2*N*V*b for full, N = B*T; gbps = floor / median time, frac_copy = gbps / the copy bandwidth
@@ -47,6 +49,7 @@ class Case:
     V: int
     G: int  # group size: rewards of G consecutive rows form a group
     dtype: torch.dtype
+    headline: bool = False  # run by --headline
 
     @property
     def name(self) -> str:
@@ -60,11 +63,11 @@ class Case:
 
 def cases(quick: bool, device: torch.device) -> list[Case]:
     if quick:
-        return [Case(4, 7, 97, 2, torch.bfloat16)]  # odd T, prime V: every masking path, seconds on CPU
+        return [Case(4, 7, 97, 2, torch.bfloat16, headline=True)]  # odd T, prime V: every masking path, seconds on CPU
     if device.type != "cuda":
         return [Case(4, 128, 32000, 4, torch.bfloat16)]  # N*V = 16M: minutes, not hours, on a CPU
     return [
-        Case(8, 1024, 151936, 8, torch.bfloat16),  # N = 8192, Qwen2.5 vocabulary: 2.5 GB of logits
+        Case(8, 1024, 151936, 8, torch.bfloat16, headline=True),  # N = 8192, Qwen2.5 vocabulary: 2.5 GB of logits
         Case(8, 1024, 151936, 8, torch.float32),
         Case(16, 512, 32000, 8, torch.bfloat16),  # Llama-2-sized vocabulary
     ]
@@ -183,6 +186,7 @@ PROVIDERS: dict[str, Callable] = {
 PROVIDERS |= {
     f"grpo_fast[{v}]": (lambda inp, case, quick, v=v: _grpo_fast(inp, case, quick, variant=v)) for v in common.VARIANTS
 }
+HEADLINE = ("grpo_fast", "grpo_fast[inplace]", "torch", "torch.compile", "liger", "trl")  # providers, mode full
 
 
 def bench_fn(provider: str, case: Case, mode: str, device: torch.device, quick: bool = False):
@@ -199,10 +203,11 @@ def _units(r: dict, case: Case, ceilings: dict) -> dict:
     return {**r, "gbps": gbps, "frac_copy": gbps / ceilings["copy_gbps"], "logits_mb": logits_mb}
 
 
-def run(quick: bool, device: torch.device, ceilings: dict) -> list[dict]:
-    """Every case x mode x provider as a row; see the module docstring for the units."""
+def run(quick: bool, device: torch.device, ceilings: dict, select=common.EVERYTHING) -> list[dict]:
+    """Every (selected) case x mode x provider as a row; see the module docstring for the units."""
     units = lambda r, case: _units(r, case, ceilings)
-    return common.run_grid(SUITE, cases(quick, device), MODES, PROVIDERS, bench_fn, units, device, quick)
+    modes, providers = select.pick(MODES, ("full",)), select.pick(PROVIDERS, HEADLINE)
+    return common.run_grid(SUITE, select.cases(cases(quick, device)), modes, providers, bench_fn, units, device, quick)
 
 
 # pytest-benchmark: `pytest bench/bench_grpo_loss.py --benchmark-only` (bench/ is not in CI's testpaths).

@@ -5,13 +5,18 @@ and MLP projections, gradient checkpointing, G=8, 4 prompts of 256 tokens, 512 n
 rarely emit EOS, so every row decodes about 512 tokens on both sides), beta=0, dapo loss, one optimizer step
 over micro-batches of one group (TRL: per_device_train_batch_size=G, gradient_accumulation_steps=4).
 
-- grpo_fast: the trainer's own functions (train.sample, micro_batches, update): shared-prefix rollout and
-  packed training forward, fused linear loss. Rows split the time into rollout and update.
+- grpo_fast: the trainer's own functions (train.sample, micro_batches, update): shared-prefix rollout (the decode
+  step compiled and replayed as a CUDA graph on CUDA, the trainer's default) and packed training forward, fused
+  linear loss. Rows split the time into rollout and update; the first (warm-up) step pays the compilation.
 - trl / trl+liger: GRPOTrainer(use_vllm=False), without and with TRL's Liger loss; a row is "missing" when TRL
   (or Liger-Kernel) does not import. Step time from trainer callbacks; no rollout/update split there.
 
 peak_mb is the absolute CUDA peak of the step (weights included: the number a consumer card must hold).
-`--quick` runs a tiny config on CPU (a smoke run; the numbers mean nothing). Last stdout line: one JSON object.
+frac_floor = the step's physical floor / its median time (bench_engine.py's rule: prefill 2*P FLOPs per prompt
+token and one read of the weights per decode step, then 6*P FLOPs per trained token).
+`--quick` runs a tiny config on CPU (a smoke run; the numbers mean nothing). --headline (the device check): the
+Qwen2.5-0.5B shape with 256 new tokens against TRL (not TRL+Liger), one timed step after the warm-up (which pays the
+compilation of the decode step). Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
@@ -33,21 +38,13 @@ from grpo_fast import train  # noqa: E402
 from grpo_fast.config import Config  # noqa: E402
 
 SUITE = "step"
-SHAPES = {
-    "qwen2.5-0.5b": dict(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
-    ),
-    "qwen2.5-1.5b": dict(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
-    ),
-}  # fmt: skip
+SHAPES = common.QWEN25
 TINY = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=256,
 )  # fmt: skip
 FULL = dict(prompts=4, prompt_len=256, new=512, G=8, rank=16)
+HEADLINE = dict(FULL, new=256)  # fits the device check's time budget (bench/device_check.sh)
 QUICK = dict(prompts=2, prompt_len=16, new=8, G=4, rank=4)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -179,32 +176,47 @@ def trl_step(shape: dict, s: dict, device: torch.device, reps: int, liger: bool)
     return dict(median_ms=1e3 * step_s, peak_mb=max(peaks) if peaks else None)
 
 
-def measured(case: str, provider: str, fn, device: torch.device) -> dict:
+def measured(case: str, provider: str, fn, device: torch.device, floor: float) -> dict:
     try:
-        return common.row(SUITE, case, "step", provider, **fn())
+        out = fn()
+        frac = floor / (out["median_ms"] / 1e3)
+        return common.stream(common.row(SUITE, case, "step", provider, **out, frac_floor=frac))
     except Exception as e:  # a failing or missing provider is a row, never a crash of the suite
-        return common.failed_row(SUITE, case, "step", provider, e)
+        return common.stream(common.failed_row(SUITE, case, "step", provider, e))
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def run(quick: bool, device: torch.device, ceilings: dict) -> list[dict]:
-    s, reps = (QUICK, 1) if quick else (FULL, 3)
-    shapes = {"tiny": TINY} if quick else SHAPES
+def floor_s(shape: dict, s: dict, ceilings: dict, param_bytes: int) -> float:
+    """The step's physical floor in seconds (module docstring), P the parameters (tied embeddings once)."""
+    H, V, L, inter = shape["hidden_size"], shape["vocab_size"], shape["num_hidden_layers"], shape["intermediate_size"]
+    kv = H // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    P = V * H + L * (2 * H * H + 2 * H * kv + 3 * H * inter)  # embeddings (= head) + attention + MLP
+    bytes_ = P * param_bytes
+    flops = 2 * P * s["prompts"] * s["prompt_len"] + 6 * P * s["prompts"] * (s["prompt_len"] + s["G"] * s["new"])
+    return flops / (ceilings["matmul_tflops"] * 1e12) + s["new"] * bytes_ / (ceilings["copy_gbps"] * 1e9)
+
+
+def run(quick: bool, device: torch.device, ceilings: dict, select=common.EVERYTHING) -> list[dict]:
+    s, reps = (QUICK, 1) if quick else (HEADLINE, 1) if select.headline else (FULL, 3)
+    shapes = {"tiny": TINY} if quick else {k: v for k, v in SHAPES.items() if not select.headline or "0.5b" in k}
     rows = []
     for name, shape in shapes.items():
         case = f"{name} G={s['G']} prompts={s['prompts']}x{s['prompt_len']} new={s['new']} lora={s['rank']}"
+        if select.case is not None and select.case not in case:
+            continue
+        floor = floor_s(shape, s, ceilings, 4 if device.type == "cpu" else 2)  # fp32 on CPU, bf16 on CUDA
 
         def ours_row(shape=shape):
             reset_peak(device)
             out = ours(shape, s, device, reps)
             return {**out, "peak_mb": peak(device)}
 
-        rows.append(measured(case, "grpo_fast", ours_row, device))
-        for provider, liger in (("trl", False), ("trl+liger", True)):
+        rows.append(measured(case, "grpo_fast", ours_row, device, floor))
+        for provider, liger in (("trl", False), ("trl+liger", True))[: 1 if select.headline else 2]:
             fn = lambda shape=shape, liger=liger: trl_step(shape, s, device, reps, liger)  # noqa: E731
-            rows.append(measured(case, provider, fn, device))
+            rows.append(measured(case, provider, fn, device, floor))
     return rows
 
 

@@ -27,11 +27,13 @@ results are expressed against; grpo_companions() builds realistic GRPO inputs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import importlib
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -46,9 +48,17 @@ from typing import Any
 
 import torch
 
-from grpo_fast import reference
-
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+QWEN25 = {  # Qwen2.5 configs (real sizes; the suites use random weights): engine and step
+    "qwen2.5-0.5b": dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
+    ),
+    "qwen2.5-1.5b": dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6,
+    ),
+}  # fmt: skip
 PACKAGES = ("torch", "triton", "transformers", "peft", "liger-kernel", "trl", "grpo-fast")
 TABLE_COLUMNS = ("case", "mode", "provider", "median_ms", "lo_ms", "hi_ms", "peak_mb")
 
@@ -59,6 +69,43 @@ class Missing(Exception):
 
 class Skipped(Exception):
     """A provider cannot run this case here (e.g. torch.compile fails on CPU): row says `skipped: <reason>`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which part of a suite runs. `headline`: each suite's headline cases, providers and modes (what the device
+    check runs, bench/device_check.sh); `case`: only the cases whose name contains this text."""
+
+    headline: bool = False
+    case: str | None = None
+
+    def cases(self, cases: list, name: Callable[[Any], str] = lambda c: c.name) -> list:
+        """Cases kept; a case object says whether it is a headline case with a `headline` attribute (or key)."""
+        flag = lambda c: c["headline"] if isinstance(c, dict) else c.headline  # noqa: E731
+        kept = [c for c in cases if (not self.headline or flag(c)) and (self.case is None or self.case in name(c))]
+        return kept
+
+    def pick(self, items, headline_items):
+        """`items` (a dict or a sequence), only those named in `headline_items` under --headline, in their order."""
+        if not self.headline:
+            return items
+        if isinstance(items, dict):
+            return {k: v for k, v in items.items() if k in headline_items}
+        return type(items)(x for x in items if x in headline_items)
+
+
+EVERYTHING = Selection()
+ROWS_ENV = "GRPO_FAST_BENCH_ROWS"  # a JSONL file every finished row is appended to (device_check.sh: partial suites)
+
+
+def stream(r: dict) -> dict:
+    """Appends the row to $GRPO_FAST_BENCH_ROWS when set (so a suite stopped by a time cap keeps its finished
+    rows), and returns it."""
+    path = os.environ.get(ROWS_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(r, default=str) + "\n")
+    return r
 
 
 # ----------------------------------------------------------------------------------------------- environment
@@ -147,7 +194,7 @@ def _stats(times: list[float], spread: str) -> dict[str, Any]:
 
 def time_staged(staged: Staged, device: torch.device, quick: bool = False) -> dict[str, Any]:
     """time_fn's keys for a Staged measurement; CUDA events around each timed call, 20/80% quantiles on CUDA."""
-    warmup, reps = (1, 3) if quick else ((3, 20) if device.type == "cuda" else (1, 5))
+    warmup, reps = (0, 2) if quick else ((3, 20) if device.type == "cuda" else (1, 5))
     for _ in range(warmup):
         staged.run(staged.setup())
     times = []
@@ -178,7 +225,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, quick: bool = False) ->
         warmup, rep = (5, 20) if quick else (25, 200)  # ms of warm-up / measurement, as do_bench counts them
         med, lo, hi = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return {"median_ms": med, "lo_ms": lo, "hi_ms": hi, "spread": "p20-p80", "reps": None}
-    warmup, reps = (1, 3) if quick else (2, 10)
+    warmup, reps = (0, 2) if quick else (2, 10)
     for _ in range(warmup):
         fn()
     times = []
@@ -303,7 +350,7 @@ def run_grid(suite: str, cases, modes, providers, bench_fn, units, device: torch
         for mode in modes:
             for provider in providers:
                 make = lambda p=provider, c=case, m=mode: bench_fn(p, c, m, device, quick)
-                rows.append(units(run_provider(suite, case.name, mode, provider, make, device, quick), case))
+                rows.append(stream(units(run_provider(suite, case.name, mode, provider, make, device, quick), case)))
     return rows
 
 
@@ -342,12 +389,20 @@ def result_path(suite: str, env: dict[str, Any], out_dir: Path | str | None = No
 
 
 def write_json(
-    suite: str, rows: list[dict], env: dict, ceilings: dict, out_dir: Path | str | None = None, quick: bool = False
+    suite: str,
+    rows: list[dict],
+    env: dict,
+    ceilings: dict,
+    out_dir: Path | str | None = None,
+    quick: bool = False,
+    partial: bool = False,
 ) -> Path:
-    """Write {suite, quick, env, ceilings, rows} to result_path(...); returns the path."""
+    """Write {suite, quick, env, ceilings, rows} (and "partial": true for a suite stopped before its end) to
+    result_path(...); returns the path."""
     path = result_path(suite, env, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"suite": suite, "quick": quick, "env": env, "ceilings": ceilings, "rows": rows}
+    payload |= {"partial": True} if partial else {}
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     return path
 
@@ -361,24 +416,36 @@ def emit_json(payload: dict) -> None:
 
 
 def make_parser(description: str = "") -> argparse.ArgumentParser:
-    """The options every benchmark script takes: --quick, --device, --out-dir, --no-write."""
+    """The options every benchmark script takes: --quick, --headline, --case, --device, --out-dir, --no-write."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny CPU-friendly shapes (smoke run; numbers meaningless)")
+    p.add_argument("--headline", action="store_true", help="each suite's headline cases, providers and modes only")
+    p.add_argument("--case", default=None, help="only the cases whose name contains this text")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out-dir", default=None, help=f"where JSON goes (default: {RESULTS_DIR}; a tmp dir with --quick)")
     p.add_argument("--no-write", action="store_true", help="print only, write no JSON file")
     return p
 
 
+def selection(args: argparse.Namespace) -> Selection:
+    return Selection(headline=args.headline, case=args.case)
+
+
 def run_suites(
-    suites: dict[str, Callable], quick: bool, device: torch.device, out_dir=None, write: bool = True
+    suites: dict[str, Callable],
+    quick: bool,
+    device: torch.device,
+    out_dir=None,
+    write: bool = True,
+    select: Selection = EVERYTHING,
 ) -> dict:
-    """Measure the ceilings once, run each suite, print its table, write its JSON; returns the summary
-    {env, ceilings, files, rows} that scripts print as their last line."""
+    """Measure the ceilings once, run each suite (its `select`ed part), print its table, write its JSON; returns the
+    summary {env, ceilings, files, rows} that scripts print as their last line."""
     if out_dir is None and quick:  # smoke numbers are not records: keep them out of bench/results/
         out_dir = Path(tempfile.gettempdir()) / "grpo_fast_bench_quick"
     env = environment(device)
     ceilings = measure_ceilings(device, quick)
+    stream({"suites": list(suites), "env": env, "ceilings": ceilings, "quick": quick})  # for a stopped suite's rows
     print(
         f"# {env['device']}  torch {env['versions']['torch']}  triton {env['versions']['triton']}  "
         f"copy {ceilings['copy_gbps']:.1f} GB/s  matmul {ceilings['matmul_tflops']:.2f} TFLOP/s",
@@ -386,7 +453,7 @@ def run_suites(
     )
     files, all_rows = [], []
     for name, run in suites.items():
-        rows = run(quick, device, ceilings)
+        rows = run(quick, device, ceilings, select)
         print(f"\n## {name}\n{format_table(rows)}", flush=True)
         if write:
             files.append(str(write_json(name, rows, env, ceilings, out_dir, quick)))
@@ -398,7 +465,7 @@ def main(suite: str, run: Callable, argv: list[str] | None = None) -> None:
     """`python bench/bench_<suite>.py [--quick] [--device D] [--out-dir DIR] [--no-write]`."""
     args = make_parser(f"benchmark suite {suite}").parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
-    summary = run_suites({suite: run}, args.quick, device, args.out_dir, not args.no_write)
+    summary = run_suites({suite: run}, args.quick, device, args.out_dir, not args.no_write, selection(args))
     emit_json(summary)
     sys.stdout.flush()
 
@@ -410,6 +477,8 @@ def grpo_companions(logps: torch.Tensor, group_size: int, seed: int = 0) -> dict
     """Realistic per-row / per-token GRPO inputs around the current log-probs `logps` (B, T):
     completion_mask with padded tails (every row keeps >= 1 token), rewards (B,) in groups of `group_size`
     and their advantages, old/ref log-probs = logps + noise so that some ratios clip low, some high."""
+    from grpo_fast import reference  # here, not at the top: bench.device_summary imports this module without a model
+
     B, T = logps.shape
     g = torch.Generator(device="cpu").manual_seed(seed)
     lengths = torch.randint(max(1, T // 2), T + 1, (B,), generator=g)

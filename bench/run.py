@@ -1,10 +1,13 @@
 """Run the benchmark suites: print a table per suite, write JSON per suite, print one JSON summary line last.
 
-    python -m bench.run [--quick] [--suite NAME ...] [--device cuda|cpu] [--out-dir DIR] [--no-write]
+    python -m bench.run [--quick] [--headline] [--case TEXT] [--suite NAME ...] [--device cuda|cpu] [--out-dir DIR]
+                        [--no-write]
 
-A suite is any `bench/bench_<name>.py` defining SUITE = "<name>" and run(quick, device, ceilings) (see
+A suite is any `bench/bench_<name>.py` defining SUITE = "<name>" and run(quick, device, ceilings, select) (see
 bench/common.py). --quick uses tiny shapes so CI can smoke-run everything on a CPU in seconds; its numbers
-mean nothing. Results go to bench/results/<suite>_<device-slug>_<date>.json unless --out-dir is given.
+mean nothing. --headline runs each suite's headline cases, providers and modes (bench/device_check.sh); --case
+keeps the cases whose name contains the text. Results go to bench/results/<suite>_<device-slug>_<date>.json
+unless --out-dir is given.
 """
 
 from __future__ import annotations
@@ -32,13 +35,13 @@ def load_suite(name: str):
         module = importlib.import_module(f"bench.bench_{name}")
         return module.run
     except Exception as e:  # one broken suite must not hide the others' results
-        return lambda quick, device, ceilings, e=e: [common.failed_row(name, "-", "-", "import", e)]
+        return lambda quick, device, ceilings, select, e=e: [common.failed_row(name, "-", "-", "import", e)]
 
 
 def _guarded(name: str, run):
-    def guarded(quick, device, ceilings):
+    def guarded(quick, device, ceilings, select):
         try:
-            return run(quick, device, ceilings)
+            return run(quick, device, ceilings, select)
         except Exception as e:  # a suite crashing mid-way is reported as an error row, the rest still run
             return [common.failed_row(name, "-", "-", "suite", e)]
 
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device) if args.device else common.default_device()
     selected = {n: _guarded(n, load_suite(n)) for n in (args.suite or names)}
-    summary = common.run_suites(selected, args.quick, device, args.out_dir, not args.no_write)
+    summary = common.run_suites(selected, args.quick, device, args.out_dir, not args.no_write, common.selection(args))
     common.emit_json(summary)
     return 0
 

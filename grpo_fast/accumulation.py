@@ -27,6 +27,7 @@ from . import config, distributed, reference
 from .fused_linear import fused_linear_grpo_loss, fused_linear_logps
 from .logit_head import logit_transform
 from .packing import completion_hidden_states, lm_head
+from .rollout_agreement import rollout_old_logps, training_logps_buffer
 from .run_log import say
 
 ROW_REDUCED = ("grpo", "sapo", "luspo", "dr_grpo")  # TRL reduces these per row: a micro-batch weighs by its rows
@@ -86,9 +87,12 @@ class StepEntropy:
 def micro_batch_loss(model, mb: dict, cfg, options: dict, num_items, entropy_gather):
     """fused_linear_grpo_loss of one micro-batch: (loss, metrics)."""
     h, weight, bias, head = distributed.forward(model, loss_inputs, mb, cfg)
+    if cfg.old_logps_from == "rollout" and mb["old"] is None:  # first update: old log-probs and IS weights
+        rollout_old_logps(h, weight, bias, head, mb, cfg)
     return fused_linear_grpo_loss(
         h, weight, mb["ids"], mb["mask"], bias=bias, advantages=mb["advantages"], old_logps=mb["old"],
         ref_logps=mb["ref"], temperature=cfg.temperature, num_items_in_batch=num_items,
+        importance_sampling_ratio=mb.get("is_ratio"), logps_out=training_logps_buffer(mb),
         entropy_gather=entropy_gather, **head, **options,
     )  # fmt: skip
 

@@ -209,5 +209,7 @@ def merge_partials(parts, sinks: torch.Tensor | None = None) -> torch.Tensor:
     lses = [lse for _, lse in parts]
     if sinks is not None:
         lses.append(sinks.float().expand_as(lses[0]))
-    total = torch.logsumexp(torch.stack(lses), dim=0)
+    total = lses[0]
+    for lse in lses[1:]:  # pairwise, not logsumexp(stack): inductor (torch 2.13, CPU) reused a stacked buffer's
+        total = torch.logaddexp(total, lse)  # slices as free memory twice and corrupted the compiled decode step
     return sum(out * torch.exp(lse - total) for out, lse in parts)

@@ -3,11 +3,12 @@ of its group decode against it plus their own K/V, two partial attentions merged
 
 Rollouts register one attention function with transformers' `AttentionInterface`; it runs in two modes:
 `prefill` (batch 1, one prompt: causal attention, and the prompt's K/V are copied into a (B, kv_heads, Lp, d)
-buffer, once per prompt) and `decode` (B*G rows, one token each). Its buffers are preallocated, so a decode
-step has static shapes. A layer's options (attention.py `Options`) hold in both modes: a sliding window keeps
-the keys at positions > p - window of a query at position p (prompt token j sits at position j, own token s
-of a row at Lp + s), soft-capping applies to every score, and attention sinks enter the merged softmax once
-(not once per partial).
+buffer, once per prompt) and `decode` (B*G rows, one token each). Its buffers are all allocated during the
+prefill, so a decode step has static shapes, allocates no buffer and never syncs with the host: it compiles
+whole and is captured as a CUDA graph (decode.py). A layer's options (attention.py `Options`) hold in both modes:
+a sliding window keeps the keys at positions > p - window of a query at position p (prompt token j sits at
+position j, own token s of a row at Lp + s), soft-capping applies to every score, and attention sinks enter the
+merged softmax once (not once per partial).
 """
 
 from __future__ import annotations
@@ -30,37 +31,50 @@ from .attention import (
 
 CASCADE = "grpo_fast_cascade"
 PREFILL_CHUNK = 512  # queries per block when the prefill materializes its scores (sinks, soft-capping)
+PREFIX_BUCKET = 16  # prompt K/V slots come in multiples of this (after two sizes the compiled step is dynamic in it)
 
 
 @dataclass
 class CascadeState:
-    """Rollout K/V: per layer, the prompts' K/V once (B, kv_heads, Lp_max, d) and every row's own K/V
+    """Rollout K/V: per layer, the prompts' K/V once (B, kv_heads, Lp_slots, d) and every row's own K/V
     (B*G, kv_heads, max_new, d); d is the key or the value head size (they differ in e.g. DeepSeek-V3).
-    Rows b*G .. b*G+G-1 belong to prompt b."""
+    Rows b*G .. b*G+G-1 belong to prompt b. Lp_slots is the longest prompt rounded up to PREFIX_BUCKET (the
+    slots past a prompt's length are masked). Every buffer is allocated during the prefill, so the decode steps
+    have static shapes and allocate nothing (decode.py compiles and captures them)."""
 
     prompt_lengths: torch.Tensor  # (B,) long
     group_size: int
     max_new: int
     mode: str = "prefill"
     prompt: int = 0  # the prompt being prefilled
-    step: torch.Tensor | None = None  # 0-d long: the own-KV slot the decoded token writes
+    step: torch.Tensor | None = None  # 0-d long: the own-KV slot the decoded token writes (preallocated)
     prefix_k: dict = field(default_factory=dict)
     prefix_v: dict = field(default_factory=dict)
     own_k: dict = field(default_factory=dict)
     own_v: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.step is None:
+            self.step = torch.zeros((), dtype=torch.long, device=self.prompt_lengths.device)
+
+    @property
+    def prefix_slots(self) -> int:
+        longest = int(self.prompt_lengths.max())
+        return -(-longest // PREFIX_BUCKET) * PREFIX_BUCKET
+
     def store_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Copies one prompt's K/V (1, kv_heads, Lp, d); allocates this layer's buffers on the first prompt."""
         if layer not in self.prefix_k:
-            B, Lp = self.prompt_lengths.numel(), int(self.prompt_lengths.max())
-            self.prefix_k[layer] = k.new_zeros(B, k.shape[1], Lp, k.shape[3])
-            self.prefix_v[layer] = v.new_zeros(B, v.shape[1], Lp, v.shape[3])
+            B, N, L = self.prompt_lengths.numel(), self.prompt_lengths.numel() * self.group_size, self.prefix_slots
+            self.prefix_k[layer] = k.new_zeros(B, k.shape[1], L, k.shape[3])
+            self.prefix_v[layer] = v.new_zeros(B, v.shape[1], L, v.shape[3])
+            self.own_k[layer] = k.new_zeros(N, k.shape[1], self.max_new, k.shape[3])
+            self.own_v[layer] = v.new_zeros(N, v.shape[1], self.max_new, v.shape[3])
         self.prefix_k[layer][self.prompt, :, : k.shape[2]] = k[0]
         self.prefix_v[layer][self.prompt, :, : v.shape[2]] = v[0]
 
     def store_own(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer not in self.own_k:
-            self.own_k[layer] = k.new_zeros(k.shape[0], k.shape[1], self.max_new, k.shape[3])
-            self.own_v[layer] = v.new_zeros(v.shape[0], v.shape[1], self.max_new, v.shape[3])
+        """Writes the decoded token's K/V (N, kv_heads, 1, d) at slot `step`; returns the row's own K/V buffers."""
         self.own_k[layer].index_copy_(2, self.step.view(1), k)
         self.own_v[layer].index_copy_(2, self.step.view(1), v)
         return self.own_k[layer], self.own_v[layer]

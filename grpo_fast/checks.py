@@ -238,14 +238,19 @@ def importance_sampling(old_logps, sampling_logps, completion_mask, mode: str, c
         shape(t, name, tuple(completion_mask.shape))
         floating(t, name)
     same_device("old_logps", old_logps, ("sampling_logps", sampling_logps), ("completion_mask", completion_mask))
-    choice(mode, "mode", IS_MODES)
-    for name, bound in (("clip_min", clip_min), ("clip_max", clip_max)):
+    importance_sampling_mode(mode, clip_min, clip_max)
+
+
+def importance_sampling_mode(mode: str, clip_min, clip_max, names=("mode", "clip_min", "clip_max")) -> None:
+    """A vLLM importance-sampling mode and its bounds; `names` are the arguments' names in messages."""
+    choice(mode, names[0], IS_MODES)
+    for name, bound in ((names[1], clip_min), (names[2], clip_max)):
         if bound is not None:
             finite_number(bound, name, low=0.0)
     if clip_min is not None and clip_max is not None and clip_min >= clip_max:
-        raise ValueError(f"clip_min ({clip_min}) must be less than clip_max ({clip_max})")
+        raise ValueError(f"{names[1]} ({clip_min}) must be less than {names[2]} ({clip_max})")
     if mode.endswith("truncate") and clip_min is None and clip_max is None:
-        raise ValueError(f"mode={mode!r} needs clip_min or clip_max")
+        raise ValueError(f"{names[0]}={mode!r} needs {names[1]} or {names[2]}")
 
 
 def reward_table(rewards: torch.Tensor, gsize, weights, aggregation: str, scale_rewards: str) -> None:

@@ -66,6 +66,12 @@ class Config:
     top_p: float = 1.0  # nucleus sampling; 1 disables
     top_k: int = 0  # top-k sampling; 0 disables
     rollout_groups: int = 0  # prompts per sampling call (generator seeded by seed + data position); 0: this rank's all
+    compile_decode: str = "auto"  # decode step compiled whole, a CUDA graph on CUDA: auto (CUDA on, CPU off) | on | off
+    # rollout log-probs: their mismatch with the training forward's is logged every step (rollout_logp_diff_*)
+    old_logps_from: str = "training"  # training (no-grad pass if num_iterations > 1) | rollout (no pass; IS weights)
+    rollout_is_mode: str = "token_truncate"  # old_logps_from=rollout: TRL's vllm_importance_sampling_mode
+    rollout_is_min: float | None = None  # old_logps_from=rollout: TRL's vllm_importance_sampling_clip_min
+    rollout_is_max: float | None = 3.0  # old_logps_from=rollout: TRL's vllm_importance_sampling_clip_max
     # loss (DESIGN.md, TRL 1.16's GRPOConfig names and defaults; every reduction is over the whole step's batch)
     loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo
     beta: float = 0.0  # KL coefficient; 0 skips the reference pass
@@ -432,6 +438,10 @@ def _check_rewards(cfg: Config) -> None:
 
 def _check_choices(cfg: Config) -> None:
     checks.choice(cfg.scale_rewards, "scale_rewards", SCALE_REWARDS)
+    checks.choice(cfg.compile_decode, "compile_decode", ("auto", "on", "off"))
+    checks.choice(cfg.old_logps_from, "old_logps_from", ("training", "rollout"))
+    names = ("rollout_is_mode", "rollout_is_min", "rollout_is_max")
+    checks.importance_sampling_mode(cfg.rollout_is_mode, cfg.rollout_is_min, cfg.rollout_is_max, names)
     checks.choice(cfg.parallel, "parallel", ("ddp", "fsdp2"))
     for name in ("output_dir", "dataset", "prompt_column", "answer_column"):
         if not getattr(cfg, name).strip():

@@ -42,7 +42,8 @@ def concat(rolls: list[Rollout]) -> Rollout:
     ids = torch.cat([F.pad(r.completion_ids, (0, Tc - r.completion_ids.shape[1]), value=pad) for r in rolls])
     mask = torch.cat([F.pad(r.completion_mask, (0, Tc - r.completion_mask.shape[1])) for r in rolls])  # (N, Tc)
     lengths, finished = torch.cat([r.completion_lengths for r in rolls]), torch.cat([r.finished for r in rolls])
-    return Rollout([p for r in rolls for p in r.prompts], rolls[0].group_size, ids, mask, lengths, finished, pad)
+    logps = None if rolls[0].logps is None else torch.cat([F.pad(r.logps, (0, Tc - r.logps.shape[1])) for r in rolls])
+    return Rollout([p for r in rolls for p in r.prompts], rolls[0].group_size, ids, mask, lengths, finished, pad, logps)
 
 
 def gather_rollout(roll: Rollout, prompts: list[torch.Tensor]) -> Rollout:
@@ -56,7 +57,8 @@ def gather_rollout(roll: Rollout, prompts: list[torch.Tensor]) -> Rollout:
     mask = distributed.all_gather(widen(roll.completion_mask, 0))
     lengths = distributed.all_gather(roll.completion_lengths)
     finished = distributed.all_gather(roll.finished.long()).bool()  # gloo gathers no bool
-    return Rollout(prompts, roll.group_size, ids, mask, lengths, finished, pad)
+    logps = None if roll.logps is None else distributed.all_gather(widen(roll.logps, 0.0))
+    return Rollout(prompts, roll.group_size, ids, mask, lengths, finished, pad, logps)
 
 
 def groups(roll: Rollout, index: torch.Tensor) -> Rollout:
@@ -65,7 +67,8 @@ def groups(roll: Rollout, index: torch.Tensor) -> Rollout:
     rows = (index.to(device)[:, None] * G + torch.arange(G, device=device)).reshape(-1)  # (len(index) * G,)
     ids, mask = roll.completion_ids[rows], roll.completion_mask[rows]
     prompts = [roll.prompts[i] for i in index.tolist()]
-    return Rollout(prompts, G, ids, mask, roll.completion_lengths[rows], roll.finished[rows], roll.pad_token_id)
+    logps = None if roll.logps is None else roll.logps[rows]
+    return Rollout(prompts, G, ids, mask, roll.completion_lengths[rows], roll.finished[rows], roll.pad_token_id, logps)
 
 
 def informative(total: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -233,6 +233,7 @@ def fused_linear_grpo_loss(
     entropy_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     logit_scale: float = 1.0,
     softcap: float | None = None,
+    logps_out: torch.Tensor | None = None,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of `grpo_fast.grpo_loss(f(hidden @ weight.T + bias), ...)` without the (B, T, V) logits,
@@ -242,6 +243,8 @@ def fused_linear_grpo_loss(
         hidden: (B, T, H) final hidden states; `hidden[:, t]` scores `completion_ids[:, t]`.
         weight: (V, H) LM head (may be tied to the embeddings), hidden's dtype; bias: (V,) or None.
         logit_scale, softcap: the model's logit transform, as in `fused_linear_logps`.
+        logps_out: a (B, T) float32 tensor that receives this forward's per-token log-probs, detached (0 where the
+            mask is 0), at no extra pass: the trainer's old log-probs for later updates and its rollout check.
         completion_ids: (B, T) int; completion_mask: (B, T) {0, 1}.
         advantages, rewards, ..., entropy_gather, **options: as `grpo_fast.grpo_loss` (TRL's loss options:
             loss_type, beta, epsilon, epsilon_high, delta, importance_sampling_level, ..., entropy_coef).
@@ -262,7 +265,14 @@ def fused_linear_grpo_loss(
         B, T, weight.shape[0], hidden.device, completion_ids, completion_mask, options, advantages=advantages,
         rewards=rewards, group_size=group_size, scale_rewards=scale_rewards, temperature=temperature, **companions,
     )  # fmt: skip
+    if logps_out is not None:
+        checks.tensor(logps_out, "logps_out", ndim=2)
+        checks.shape(logps_out, "logps_out", (B, T))
+        checks.floating(logps_out, "logps_out")
+        checks.same_device("hidden", hidden, ("logps_out", logps_out))
     logps, entropy = _logps_entropy(hidden, weight, bias, completion_ids, temperature, with_entropy=True, head=head)
+    if logps_out is not None:
+        logps_out.copy_(torch.where(completion_mask.bool(), logps.detach(), 0.0))
     if advantages is None:
         advantages = reference.group_advantages(rewards.to(logps.dtype), group_size, scale_rewards)
     return reference.grpo_loss_from_logps(

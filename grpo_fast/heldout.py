@@ -71,8 +71,8 @@ def rows(cfg, tokenizer, funcs: dict, weights: list[float]) -> list[dict] | None
 
 
 def describe(got: dict, prefix: str = "") -> str:
-    """"pass rate 0.500, mean reward 0.610" (no pass rate when no reward declares a maximum; a mean that overflowed,
-    null in metrics.jsonl, reads "nan")."""
+    """One line of numbers, e.g. 'pass rate 0.500, mean reward 0.610' (no pass rate when no reward declares a
+    maximum; a mean that overflowed, null in metrics.jsonl, reads 'nan')."""
     rate, mean = got[prefix + "pass_rate"], got[prefix + "reward"]
     return ("" if rate is None else f"pass rate {rate:.3f}, ") + f"mean reward {math.nan if mean is None else mean:.3f}"
 

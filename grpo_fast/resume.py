@@ -24,8 +24,8 @@ from .run_log import say
 
 MAY_CHANGE = {
     "max_steps", "output_dir", "resume", "progress", "save_steps", "keep_checkpoints", "log_samples_steps",
-    "plot_steps", "cpu_threads", "micro_batch_groups", "gradient_checkpointing", "eval_dataset", "eval_prompts",
-    "eval_steps",
+    "plot_steps", "cpu_threads", "micro_batch_groups", "gradient_checkpointing", "compile_decode", "eval_dataset",
+    "eval_prompts", "eval_steps",
 }  # fmt: skip  # micro-batching only changes the order of a float sum; the others, no trained number (evaluation
 # draws no random number and changes no weight: heldout.py)
 

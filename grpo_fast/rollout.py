@@ -3,8 +3,8 @@
 `generate(num_return_sequences=G)` prefills every prompt G times and keeps G copies of its K/V. Here each
 prompt runs once at batch 1, its K/V is kept once, and the group's G rows decode against it through cascade
 attention (grpo_fast/cascade.py): a prompt of Lp tokens costs Lp token-forwards and Lp K/V slots per layer
-instead of G * Lp. Decode buffers are preallocated (static shapes per step) and the host checks whether every
-row has finished only every `_CHECK_EVERY` steps.
+instead of G * Lp. The per-token decode step (decode.py) has static shapes and no host sync: it compiles whole
+and, on CUDA, replays as a CUDA graph; its sampling noise comes from the seeded generator up front (sampling.py).
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import checks, guard
 from .cascade import CascadeState, cascade_implementation
+from .decode import DecodeBuffers, decode, head_logits, next_logits
 from .logit_head import logit_transform
 from .packing import causal_lm, check_group_size, check_prompts, decoder_stack, lm_head, position_limit
-
-_CHECK_EVERY = 8  # decode steps between host syncs that test "all rows finished"
+from .sampling import draw_noise
 
 
 @dataclass
@@ -33,6 +32,7 @@ class Rollout:
     completion_lengths: torch.Tensor  # (B*G,) long, completion_mask.sum(1)
     finished: torch.Tensor  # (B*G,) bool: the row ended with EOS (else it was cut at max_new_tokens)
     pad_token_id: int
+    logps: torch.Tensor | None = None  # (B*G, Tc) fp32 sampled tokens' log_softmax(logits / T), 0 where masked
 
 
 def _token_ids(value, fallback, name: str) -> list[int]:
@@ -61,33 +61,15 @@ def _check_sampling(max_new_tokens, temperature, top_p, top_k, generator, device
             raise ValueError(f"generator is on {generator.device} but the model is on {device}")
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """top-k, then nucleus (top-p) filtering of (N, V) fp32 logits, as in transformers' logits warpers."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum <= 1 - top_p
-        drop_sorted[:, -1] = False  # keep at least the most likely token
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    return logits
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
-    """One token per row of (N, V) fp32 logits, each row drawn independently; temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = _filter(logits / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
-
-
-def _logits(hidden: torch.Tensor, head: tuple) -> torch.Tensor:
-    """The model's next-token logits (N, V) fp32 from final hidden states (N, H): head = (weight, bias, transform),
-    the transform (logit scale, softcap) applied as the model's forward does, before any temperature."""
-    weight, bias, transform = head
-    return transform(F.linear(hidden, weight, bias).float())
+def _check_options(return_logps, compile_decode, temperature) -> None:
+    if not isinstance(return_logps, bool):
+        raise TypeError(f"return_logps must be a bool, got {type(return_logps).__name__}")
+    if compile_decode is not None and not isinstance(compile_decode, bool):
+        raise TypeError(f"compile_decode must be a bool or None, got {type(compile_decode).__name__}")
+    if return_logps and temperature == 0:
+        raise ValueError(
+            "return_logps needs temperature > 0: greedy decoding (temperature 0) samples from no distribution"
+        )
 
 
 def _prefill(decoder, head, prompts, state: CascadeState) -> torch.Tensor:
@@ -98,45 +80,39 @@ def _prefill(decoder, head, prompts, state: CascadeState) -> torch.Tensor:
         positions = torch.arange(p.numel(), device=p.device)[None]
         out = decoder(input_ids=p[None], position_ids=positions, use_cache=False)
         last.append(out.last_hidden_state[0, -1])  # (H,)
-    return _logits(torch.stack(last), head)
-
-
-def _decode_step(decoder, head, tokens, positions, state: CascadeState, step: int) -> torch.Tensor:
-    """Feeds one token per row (N,) at `positions` (N,); returns the next-token logits (N, V) fp32."""
     state.mode = "decode"
-    state.step = torch.tensor(step, device=tokens.device)
-    out = decoder(input_ids=tokens[:, None], position_ids=positions[:, None], use_cache=False)
-    return _logits(out.last_hidden_state[:, -1], head)
+    return head_logits(torch.stack(last), head)
 
 
 class NonFiniteLogits(ValueError):
     """The model's next-token logits hold NaN or +inf (or are all -inf): nothing can be sampled."""
 
 
-def _decode(decoder, head, logits, positions, state, eos, pad, sampling) -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples up to state.max_new tokens per row. Returns tokens (N, T) (pad after EOS) and done-before (N, T).
-    Raises NonFiniteLogits at the end if any row's logits were not finite (checked on device, no sync per token)."""
-    N, dev = logits.shape[0], logits.device
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=dev)
-    done = torch.zeros(N, dtype=torch.bool, device=dev)
-    bad = torch.zeros(N, dtype=torch.bool, device=dev)
-    tokens, was_done = [], []
-    for t in range(state.max_new):
-        bad |= ~torch.isfinite(logits.amax(-1))  # amax is NaN for any NaN, +inf for any +inf, -inf if all are
-        logits = torch.where(bad.unsqueeze(1), 0.0, logits)  # keeps multinomial valid (a device assert on CUDA)
-        tok = torch.where(done, pad, _sample(logits, *sampling))  # (N,)
-        tokens.append(tok)
-        was_done.append(done)
-        done = done | torch.isin(tok, eos_ids)
-        if t + 1 == state.max_new or ((t + 1) % _CHECK_EVERY == 0 and bool(done.all())):
-            break
-        logits = _decode_step(decoder, head, tok, positions + t, state, t)
-    if bool(bad.any()):
+def _special_ids(base, eos_token_id, pad_token_id, vocab_size: int) -> tuple[list[int], int]:
+    """The EOS ids (default: the model's generation config) and the pad id (default: its pad, else the first EOS)."""
+    gen_config = getattr(base, "generation_config", None)
+    eos = _token_ids(eos_token_id, getattr(gen_config, "eos_token_id", None), "eos_token_id")
+    pads = _token_ids(pad_token_id, getattr(gen_config, "pad_token_id", None), "pad_token_id")
+    pad = pads[0] if pads else (eos[0] if eos else 0)
+    checks.ids_in_range(torch.tensor(eos + [pad]), vocab_size, "eos_token_id/pad_token_id")
+    return eos, pad
+
+
+def _result(prompts, G: int, buf: DecodeBuffers, pad: int) -> Rollout:
+    """The Rollout of filled decode buffers, trimmed to the longest completion; NonFiniteLogits if any row's logits
+    were not finite (flagged on device, checked here once)."""
+    if bool(buf.bad.any()):
         raise NonFiniteLogits(
-            f"generate_groups: the model's next-token logits are NaN or infinite for {int(bad.sum())} of {N} rows "
-            "(non-finite weights, or an overflow in the forward)"
+            f"generate_groups: the model's next-token logits are NaN or infinite for {int(buf.bad.sum())} of "
+            f"{buf.bad.numel()} rows (non-finite weights, or an overflow in the forward)"
         )
-    return torch.stack(tokens, 1), torch.stack(was_done, 1)
+    mask = (~buf.was_done).long()  # (B*G, T)
+    completion_lengths = mask.sum(1)
+    Tc = max(int(completion_lengths.max()), 1)
+    finished = torch.isin(buf.tokens, buf.eos) & mask.bool()
+    logps = None if buf.logps is None else buf.logps[:, :Tc]
+    ids, mask = buf.tokens[:, :Tc], mask[:, :Tc]
+    return Rollout(list(prompts), G, ids, mask, completion_lengths, finished.any(1), pad, logps)
 
 
 @torch.no_grad()
@@ -152,56 +128,67 @@ def generate_groups(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    return_logps: bool = False,
+    compile_decode: bool | None = None,
 ) -> Rollout:
     """Samples `group_size` completions of up to `max_new_tokens` tokens for each of the B `prompts` (unpadded
     1-D LongTensors on the model's device), each prompt prefilled once and its K/V stored once.
 
-    Every row draws independently from `generator` (temperature 0: greedy; top_k 0 and top_p 1: no filtering)
-    from the model's own logits (its logit scale and softcap applied, logit_head.py, before the temperature)
-    and stops at any of `eos_token_id` (default: the model's generation config). Returns a Rollout with
-    completion_ids / completion_mask (B*G, Tc), Tc the longest completion; works on peft-wrapped models.
+    Every row draws independently (temperature 0: greedy; top_k 0 and top_p 1: no filtering) from the model's own
+    logits (its logit scale and softcap applied, logit_head.py, before the temperature), with noise drawn from
+    `generator` up front (sampling.py), and stops at any of `eos_token_id` (default: the model's generation
+    config). Returns a Rollout with completion_ids / completion_mask (B*G, Tc), Tc the longest completion; works on
+    peft-wrapped models.
+
+    return_logps: also fill Rollout.logps (B*G, Tc) fp32, the log-prob of each sampled token under
+        log_softmax(logits / temperature) of the model's own, unfiltered logits (top-k / top-p decide what is
+        drawn, not this): the quantity the training forward computes (`sequence_logps`), 0 where masked. Computed
+        inside the decode step from the logits it already holds; needs temperature > 0.
+    compile_decode: run each decode step as one `torch.compile(fullgraph=True)` graph, replayed as a CUDA graph on
+        CUDA (decode.py). None: on for CUDA, off on CPU (compiling costs more there than a rollout saves). The
+        tokens equal the eager decode's for the same generator; a model whose step cannot compile whole decodes
+        eagerly after one logged warning naming the reason.
     """
     base = causal_lm(model)
     check_group_size(group_size)
     weight, bias = lm_head(model)
     head = (weight, bias, logit_transform(model))
     _check_sampling(max_new_tokens, temperature, top_p, top_k, generator, weight.device)
+    _check_options(return_logps, compile_decode, temperature)
     limit = position_limit(model)
     lengths = check_prompts(prompts, weight.shape[0], weight.device, limit)
     if limit is not None and max(lengths) + max_new_tokens > limit:
         raise ValueError(f"prompt + max_new_tokens={max_new_tokens} exceeds the model's position limit {limit}")
-    gen_config = getattr(base, "generation_config", None)
-    eos = _token_ids(eos_token_id, getattr(gen_config, "eos_token_id", None), "eos_token_id")
-    pads = _token_ids(pad_token_id, getattr(gen_config, "pad_token_id", None), "pad_token_id")
-    pad = pads[0] if pads else (eos[0] if eos else 0)
-    checks.ids_in_range(torch.tensor(eos + [pad]), weight.shape[0], "eos_token_id/pad_token_id")
+    eos, pad = _special_ids(base, eos_token_id, pad_token_id, weight.shape[0])
     guard.check_model(model, "rollouts")  # once per model: the cascade must equal the model's own forward
 
-    dev, G = weight.device, group_size
+    dev, G, N = weight.device, group_size, len(prompts) * group_size
+    if temperature > 0:
+        noise = draw_noise(generator, max_new_tokens, N, dev)
+    else:  # argmax reads no noise
+        noise = torch.zeros(max_new_tokens, N, dtype=torch.float64, device=dev)
     state = CascadeState(torch.tensor(lengths, device=dev), G, max_new_tokens)
     positions = state.prompt_lengths.repeat_interleave(G)  # (B*G,) position of each row's first new token
+    buf = DecodeBuffers.allocate(positions, noise, eos, pad, return_logps)
+    state.step = buf.step  # the own-K/V slot the step writes is the column it feeds
+    compiled = dev.type == "cuda" if compile_decode is None else compile_decode
     was_training = base.training
     base.eval()  # no dropout (LoRA's included) while sampling
     try:
         with cascade_implementation(base, state):
             decoder = decoder_stack(base)
             logits = _prefill(decoder, head, prompts, state).repeat_interleave(G, dim=0)  # (B*G, V)
-            sampling = (temperature, top_k, top_p, generator)
-            tokens, was_done = _decode(decoder, head, logits, positions, state, eos, pad, sampling)
+            decode(base, decoder, head, buf, logits, (temperature, top_k, top_p), compiled)
     finally:
         base.train(was_training)
-    mask = (~was_done).long()  # (B*G, T)
-    completion_lengths = mask.sum(1)
-    Tc = max(int(completion_lengths.max()), 1)
-    finished = torch.isin(tokens, torch.tensor(eos, dtype=torch.long, device=dev)) & mask.bool()
-    return Rollout(list(prompts), G, tokens[:, :Tc], mask[:, :Tc], completion_lengths, finished.any(1), pad)
+    return _result(prompts, G, buf, pad)
 
 
 @torch.no_grad()
 def rollout_logps(model, prompts: list[torch.Tensor], completion_ids: torch.Tensor, group_size: int) -> torch.Tensor:
     """Log-probs (B*G, Tc) fp32 of given completions under the rollout engine, teacher-forced: each prompt
-    prefilled once, then cascade decode steps fed the given tokens; the distribution generate_groups samples
-    from at temperature 1. Internal (no input checks): the guard compares it with the model's own forward."""
+    prefilled once, then cascade decode steps (eager) fed the given tokens; the distribution generate_groups
+    samples from at temperature 1. Internal (no input checks): the guard compares it with the model's own forward."""
     base, head = causal_lm(model), (*lm_head(model), logit_transform(model))
     N, Tc = completion_ids.shape
     lengths = torch.tensor([p.numel() for p in prompts], device=completion_ids.device)
@@ -211,6 +198,7 @@ def rollout_logps(model, prompts: list[torch.Tensor], completion_ids: torch.Tens
         decoder = decoder_stack(base)
         steps = [_prefill(decoder, head, prompts, state).repeat_interleave(group_size, dim=0)]  # (N, V)
         for t in range(Tc - 1):
-            steps.append(_decode_step(decoder, head, completion_ids[:, t], positions + t, state, t))
+            state.step.fill_(t)
+            steps.append(next_logits(decoder, head, completion_ids[:, t], positions + t))
     logits = torch.stack(steps, 1)  # (N, Tc, V)
     return logits.log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)

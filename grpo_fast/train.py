@@ -48,6 +48,7 @@ from .dynamic_sampling import Batch, collect, concat, gather_rollout, kept_share
 from .heldout import HeldOut
 from .loss import group_advantages
 from .rollout import NonFiniteLogits, Rollout, generate_groups
+from .rollout_agreement import agreement_metrics
 from .run_log import say
 from .schedule import make_optimizer
 
@@ -87,6 +88,7 @@ def sample(model, prompt_ids: list, cfg, tokenizer, generator, first: int = 0) -
     rollout_groups divides every rank's share, and ranks draw different streams."""
     kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     kw |= dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator)
+    kw |= dict(return_logps=True, compile_decode={"auto": None, "on": True, "off": False}[cfg.compile_decode])
     n, rolls = cfg.rollout_groups or len(prompt_ids), []
     model.eval()
     try:
@@ -157,18 +159,19 @@ def micro_batches(roll, advantages: torch.Tensor, cfg) -> list[dict]:
                 ids=roll.completion_ids[g0 * G : g1 * G, :T],
                 mask=mask[:, :T],
                 advantages=advantages[g0 * G : g1 * G],
+                sampling=None if roll.logps is None else roll.logps[g0 * G : g1 * G, :T],  # the rollout's log-probs
             )
         )
     return out
 
 
 def add_reference_logps(model, ref, mbs: list[dict], cfg) -> None:
-    """Old log-probs (only when a rollout feeds several updates; then also the entropies top_entropy_quantile ranks
-    in the first update) and reference log-probs (beta != 0)."""
+    """Old log-probs (only when a rollout feeds several updates and old_logps_from=training; then also the entropies
+    top_entropy_quantile ranks in the first update) and reference log-probs (beta != 0)."""
     quantile = cfg.top_entropy_quantile < 1.0
     for mb in mbs:
         mb["old"], mb["entropy"] = None, None
-        if cfg.num_iterations > 1:
+        if cfg.num_iterations > 1 and cfg.old_logps_from == "training":
             mb["old"], mb["entropy"] = logps(model, mb, cfg, True) if quantile else (logps(model, mb, cfg), None)
         mb["ref"] = None
         if ref is not None:
@@ -246,6 +249,7 @@ def train_step(step, cfg, model, ref, optimizer, scheduler, source, position, fu
     update_s = time.perf_counter() - t1
     tokens = float(table[-2].sum())  # every sampled token, all ranks; rank 0's clock
     row = {"step": step + 1, **stats, **{k: float(np.mean([u[k] for u in updates])) for k in updates[0]}}
+    row |= agreement_metrics(mbs)  # rollout vs training log-probs of the first update
     row |= {"tokens_per_s": tokens / (rollout_s + update_s), "rollout_s": rollout_s, "update_s": update_s}
     row["peak_mem_mb"] = distributed.all_max([peak_mem_mb(device)])[0]
     texts = [[x for b in batches for x in b.texts[j]] for j in range(3)]

@@ -12,7 +12,7 @@ from test_packing import G, batch, value_and_grads
 from test_train_loss import fixed_rollout, grads, per_row_logits
 from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig
 
-from grpo_fast import config, generate_groups, reference, rollout, tiny, train
+from grpo_fast import config, decode, generate_groups, reference, tiny, train
 from grpo_fast.config import PRESETS, Config
 from grpo_fast.packing import completion_hidden_states, lm_head, sequence_logps
 
@@ -112,8 +112,8 @@ def test_sampling_distribution_is_the_models(arch, tmp_path, monkeypatch):
     """Every step of a seeded sampled rollout draws from softmax(logits / T) of logits equal to the model's own
     next-token logits (full forward of prompt + the row's tokens so far)."""
     model = _rollout_model(arch, tmp_path)
-    seen, sample = [], rollout._sample
-    monkeypatch.setattr(rollout, "_sample", lambda logits, *a: seen.append(logits.clone()) or sample(logits, *a))
+    seen, sample = [], decode.sample
+    monkeypatch.setattr(decode, "sample", lambda logits, *a: seen.append(logits.clone()) or sample(logits, *a))
     ps = _prompts()
     gen = torch.Generator().manual_seed(0)
     ro = generate_groups(model, ps, G, max_new_tokens=5, temperature=1.3, eos_token_id=EOS, generator=gen)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import pytest
 import torch
@@ -185,13 +184,14 @@ def test_d16_diverged_weights_stop_with_the_step_and_write_no_broken_checkpoint(
 
 
 def test_d16_diverged_logits_in_the_rollout(tmp_path, capsys):
-    """A learning rate of 1e30: finite weights after the first update with a gradient, infinite logits in the next
-    step's rollout (step 2, or 3 when step 1's groups all had equal rewards: no gradient, no update)."""
+    """A learning rate of 1e30: finite weights after the first applied update, infinite logits in the next rollout
+    (step 2, or later when the first steps' groups all had equal rewards: no gradient, no update)."""
     rc, err = cli(tmp_path / "run", capsys, "--max-steps", 4, "--save-steps", 1, "--learning-rate", "1e30")
     assert rc == 2 and "Traceback" not in err
-    found = re.search(r"training diverged at step (\d): generate_groups: the model's next-token logits are NaN", err)
-    assert found and int(found.group(1)) in (2, 3), err
-    assert f"checkpoint-000000{int(found.group(1)) - 1}" in err  # the last good checkpoint is named
+    rows = run_log.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    step = 1 + next(r["step"] for r in rows if r.get("grad_norm", 0) > 0)  # step 0's row: the evaluation alone
+    assert f"diverged at step {step}: generate_groups: the model's next-token logits are NaN or infinite" in err, err
+    assert f"checkpoint-{step - 1:07d}" in err  # the last good checkpoint is named
 
 
 def test_d17_an_overflowing_reward_mean_is_logged_as_null_and_the_run_completes(tmp_path, capsys, monkeypatch):
