@@ -59,7 +59,7 @@ def agreement_metrics(mbs: list[dict]) -> dict:
     """The mismatch metrics (module docstring), and under old_logps_from=rollout the importance ratio's min / mean /
     max (over active tokens, or rows in the sequence modes, as TRL logs them); {} without rollout log-probs."""
     training = [mb["old"] if mb.get("old") is not None else mb.get("training") for mb in mbs]
-    if any(mb.get("sampling") is None for mb in mbs) or any(t is None for t in training):
+    if not mbs or any(mb.get("sampling") is None for mb in mbs) or any(t is None for t in training):
         return {}
     diff = torch.cat([(t - mb["sampling"])[mb["mask"].bool()] for t, mb in zip(training, mbs)]).double()  # (n,)
     outside = (diff.exp() < BAND[0]) | (diff.exp() > BAND[1])
