@@ -119,6 +119,8 @@ class Config:
     parallel: str = "ddp"  # under torchrun: ddp (replicated weights, gradients all-reduced) | fsdp2 (fully_shard)
 
 
+COMPILE_DECODE = {"auto": None, "on": True, "off": False}  # --compile-decode -> generate_groups(compile_decode=)
+
 PRESETS: dict[str, dict] = {
     # The embedded default: tiny Llama (tiny.py), reverse 3-letter words, full fine-tuning. Chosen over seeds 0-3
     # by the mean reward of the last 20% of steps (issue 10). The former lr 2e-3, 600 steps collapsed early (85% of

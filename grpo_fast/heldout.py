@@ -21,7 +21,7 @@ import math
 import time
 from pathlib import Path
 
-from . import data, dataset_rows, distributed, evaluate, rewards, run_log
+from . import config, data, dataset_rows, distributed, evaluate, rewards, run_log
 from .run_log import say
 
 
@@ -102,6 +102,7 @@ class HeldOut:
         prompts = [r[cfg.prompt_column] for r in self.rows]
         rank_prompts = (cfg.rollout_groups or cfg.prompts_per_step // distributed.world()[1]) * cfg.group_size
         sizes = dict(system_prompt=cfg.system_prompt, max_prompt_length=cfg.max_prompt_length)
+        sizes["compile_decode"] = config.COMPILE_DECODE[cfg.compile_decode]  # as the rollouts decode
         was_training = model.training
         model.eval()
         try:

@@ -88,7 +88,7 @@ def sample(model, prompt_ids: list, cfg, tokenizer, generator, first: int = 0) -
     rollout_groups divides every rank's share, and ranks draw different streams."""
     kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     kw |= dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator)
-    kw |= dict(return_logps=True, compile_decode={"auto": None, "on": True, "off": False}[cfg.compile_decode])
+    kw |= dict(return_logps=True, compile_decode=config.COMPILE_DECODE[cfg.compile_decode])
     n, rolls = cfg.rollout_groups or len(prompt_ids), []
     model.eval()
     try:

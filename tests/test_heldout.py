@@ -11,7 +11,7 @@ import torch
 from test_train_run import comparable, tiny_cfg
 from transformers import LlamaForCausalLM
 
-from grpo_fast import heldout, run_log, tiny, train
+from grpo_fast import evaluate, heldout, run_log, tiny, train
 from grpo_fast.config import Config
 
 pytestmark = pytest.mark.usefixtures("trainer_cpu_path")
@@ -105,3 +105,13 @@ def test_the_plot_shows_evaluations_without_training_rows(tmp_path):
     run_log.append_jsonl(metrics, {"step": 0, "eval_reward": 0.5, "eval_pass_rate": 0.25, "eval_prompts": 4})
     run_log.plot_rewards(metrics, tmp_path / "curve.png")  # a run stopped after its step-0 evaluation
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(("flag", "want"), [("auto", None), ("off", False)])
+def test_evaluation_decodes_as_the_rollouts_do(tmp_path, monkeypatch, flag, want):
+    """--compile-decode reaches the evaluation's generate_groups calls (greedy: no log-probs, no generator)."""
+    calls, real = [], evaluate.generate_groups
+    monkeypatch.setattr(evaluate, "generate_groups", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    train.run(tiny_cfg(tmp_path, max_steps=1, eval_prompts=4, compile_decode=flag))
+    assert len(calls) == 2  # step 0 and after step 1, 4 prompts in one call each
+    assert all(kw["compile_decode"] is want and kw["temperature"] == 0.0 and "generator" not in kw for kw in calls)
