@@ -149,6 +149,34 @@ PRESETS: dict[str, dict] = {
         plot_steps=100,
         cpu_threads=1,
     ),
+    # SmolLM2-135M-Instruct on one-digit addition with LoRA (defaults: r 16, alpha 32, every projection), on a 2-core
+    # CPU in under 10 minutes with its evaluations (issue 10; measured: README). --model names the model
+    # (NEEDS_MODEL). Greedy, the model answers 60% of the 40 held-out sums: it knows them, but often starts
+    # "To solve this problem, we need to..." and never reaches the number. max_new_tokens 10 holds "7 + 4 = 11" and
+    # EOS, so a rambling sample is cut off with reward 0 while a direct one scores 1: groups of 8 disagree, the
+    # advantage says "answer directly", and held-out greedy pass rate reaches 0.95-1.0 by step 20-30 (seeds 0, 1:
+    # 0.60 -> 0.80 / 1.00 at step 10). lr 5e-4 (LoRA): the training reward passes 0.9 by step 5-7. No system
+    # prompt: the chat template's own. 4 prompts x 8 samples in one micro-batch (memory is no concern at 135M).
+    # The 100 one-digit sums: the first 40 drawn are held out, the other 60 train. Two digits (not tried in
+    # training): greedy 0.15 with 16 tokens, wrong sums among the failures ("22 + 55 = 108").
+    "smollm2-arithmetic": dict(
+        dataset="arithmetic",
+        rewards=["arithmetic"],
+        arithmetic_digits=1,
+        task_heldout=40,
+        eval_prompts=40,
+        eval_steps=5,
+        group_size=8,
+        prompts_per_step=4,
+        micro_batch_groups=4,
+        max_prompt_length=96,
+        max_new_tokens=10,
+        learning_rate=5e-4,
+        max_steps=30,
+        save_steps=10,
+        plot_steps=5,
+        output_dir="runs/smollm2-arithmetic",
+    ),
     # A real small model on GSM8K with LoRA: the usual first GPU run.
     "qwen-0.5b-gsm8k": dict(
         model="Qwen/Qwen2.5-0.5B-Instruct",
@@ -348,6 +376,11 @@ def merge(cfg: Config, values: dict, source: str) -> Config:
     return dataclasses.replace(cfg, **{k: coerce(k, v, source) for k, v in values.items()})
 
 
+NEEDS_MODEL = {  # presets for a model the user supplies: what to pass
+    "smollm2-arithmetic": "the SmolLM2-135M-Instruct GGUF file (README) or HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
 def presets(names: list[str], named_model: bool) -> list[str]:
     """The presets to apply in order: `names`, after the `tiny` base when none of them (nor a flag or the config
     file) names a model."""
@@ -355,6 +388,8 @@ def presets(names: list[str], named_model: bool) -> list[str]:
     if unknown:
         raise ValueError(f"--preset must name presets of {sorted(PRESETS)}, got {unknown}")
     base = named_model or any("model" in PRESETS[n] for n in names)
+    for name in (n for n in names if n in NEEDS_MODEL and not named_model):
+        raise ValueError(f"--preset {name} needs --model: {NEEDS_MODEL[name]}")
     return names if base else ["tiny", *names]
 
 

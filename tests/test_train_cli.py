@@ -15,7 +15,7 @@ import pytest
 from test_train_run import char_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo_fast import config, train
+from grpo_fast import config, heldout, train
 
 pytestmark = pytest.mark.usefixtures("trainer_cpu_path")
 
@@ -213,6 +213,8 @@ CASES = [
      r"dynamic_sampling_max_batches must be >= 1, got 0"),
     ("preset-unknown", ["--preset", "dapo", "ppo"], r"--preset must name presets of \[.*\], got \['ppo'\]"),
     ("top-p-zero", ["--top-p", "0"], r"top_p must be in \(0, 1\]"),
+    ("preset-without-its-model", ["--preset", "smollm2-arithmetic"],
+     r"--preset smollm2-arithmetic needs --model: the SmolLM2-135M-Instruct GGUF file \(README\) or Hugging"),
     # issue 10: held-out evaluation
     ("eval-prompts-negative", ["--eval-prompts=-1"], r"eval_prompts must be >= 0, got -1"),
     ("eval-steps-negative", ["--eval-steps=-5"], r"eval_steps must be >= 0, got -5"),
@@ -337,3 +339,13 @@ def test_resume_from_a_checkpoint_older_than_the_kl_bias_correction(tmp_path, ca
     shutil.rmtree(out / "checkpoints" / "checkpoint-0000003")
     rc, err = run_cli(tmp_path, capsys, ["--max-steps", "3", "--resume"], out=out)
     assert rc == 0 and "resumed from" in err, err
+
+
+def test_the_smollm2_preset_takes_the_model_it_is_given(tmp_path):
+    """The preset names no model (the user's GGUF file or hub id): --model is used, the tiny base never applies."""
+    gguf = str(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    cfg = config.parse(["--preset", "smollm2-arithmetic", "--model", gguf, "--max-steps", "3"])
+    assert cfg.model == gguf and cfg.max_steps == 3 and cfg.lora  # flags after the preset win
+    preset = {k: v for k, v in config.PRESETS["smollm2-arithmetic"].items() if k != "max_steps"}
+    assert all(getattr(cfg, k) == v for k, v in preset.items())
+    assert heldout.source(cfg) == ("arithmetic", "test")  # its evaluations: the task's held-out split
