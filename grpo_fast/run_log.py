@@ -119,8 +119,9 @@ def plot_rewards(metrics_path: Path, png_path: Path, title: str = "GRPO reward")
     smooth = [sum(mean[max(0, i - k + 1) : i + 1]) / len(mean[max(0, i - k + 1) : i + 1]) for i in range(len(mean))]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
-    ax.plot(steps, mean, lw=0.8, alpha=0.6, label="mean reward (sampled)")
-    ax.plot(steps, smooth, lw=2, label=f"moving average ({k} steps)")
+    ax.plot(steps, mean, lw=0.8 if k > 1 else 1.5, alpha=0.6 if k > 1 else 1.0, label="mean reward (sampled)")
+    if k > 1:  # a 1-step average is the mean line again
+        ax.plot(steps, smooth, lw=2, label=f"moving average ({k} steps)")
     _plot_evals(ax, evals)
     ax.set(xlabel="step", ylabel="reward" + (" / pass rate" if evals else ""), title=title)
     ax.grid(alpha=0.3)
