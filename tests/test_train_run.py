@@ -25,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("trainer_cpu_path")
 
 def tiny_cfg(tmp_path, **kw) -> Config:
     small = dict(prompts_per_step=4, micro_batch_groups=2, group_size=4, max_steps=3, save_steps=0, cpu_threads=0)
+    small["eval_prompts"] = 8  # the held-out evaluations at step 0 and the end, on fewer prompts (CPU time)
     return dataclasses.replace(
         Config(**PRESETS["tiny"]), output_dir=str(tmp_path / "run"), progress=False, **(small | kw)
     )
