@@ -21,14 +21,23 @@ _TOLERANCE = 1e-6  # a float reward within this of its maximum is at the maximum
 
 @torch.no_grad()
 def greedy_completions(
-    model, tokenizer, prompts: list, *, system_prompt=None, max_prompt_length: int, max_new_tokens: int, batch: int = 16
+    model,
+    tokenizer,
+    prompts: list,
+    *,
+    system_prompt=None,
+    max_prompt_length: int,
+    max_new_tokens: int,
+    batch: int = 16,
+    compile_decode: bool | None = None,
 ) -> tuple[list[str], list[list[int]]]:
     """The greedy completion of each prompt (text or chat messages): decoded text (special tokens skipped) and
-    token ids (up to and including EOS), in prompt order, `batch` prompts per generate_groups call."""
+    token ids (up to and including EOS), in prompt order, `batch` prompts per generate_groups call (each with
+    `compile_decode`, as in generate_groups)."""
     device = lm_head(distributed.unwrap(model))[0].device
     enc = [policy.encode_prompt(tokenizer, p, system_prompt, max_prompt_length) for p in prompts]
     kw = dict(max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=tokenizer.eos_token_id)
-    kw["pad_token_id"] = tokenizer.pad_token_id
+    kw |= dict(pad_token_id=tokenizer.pad_token_id, compile_decode=compile_decode)
     ids: list[list[int]] = []
     for i in range(0, len(enc), batch):
         chunk = [torch.tensor(e, dtype=torch.long, device=device) for e in enc[i : i + batch]]

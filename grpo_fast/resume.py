@@ -2,8 +2,8 @@
 
 - Each checkpoint stores the run's config (trainer_state.json). On --resume every field that changes what the run
   computes must equal the stored value, else the run stops listing the differences, before the model loads; the
-  fields in MAY_CHANGE (length, logging, checkpoint cadence, memory and threading knobs) may differ, and config.json
-  is then rewritten with the values in effect.
+  fields in MAY_CHANGE (length, logging, evaluation, checkpoint cadence, memory and threading knobs) may differ, and
+  config.json is then rewritten with the values in effect.
 - max_steps may grow: the LR schedule is laid over the new total (as if the run had been started with it) and the
   restored optimizer takes the new schedule's LR at the restored update (schedule.sync_lr), so no update runs at the old
   schedule's final LR of 0. max_steps at or below the checkpoint's step is an error: nothing would train.
@@ -24,8 +24,10 @@ from .run_log import say
 
 MAY_CHANGE = {
     "max_steps", "output_dir", "resume", "progress", "save_steps", "keep_checkpoints", "log_samples_steps",
-    "plot_steps", "cpu_threads", "micro_batch_groups", "gradient_checkpointing", "compile_decode",
-}  # fmt: skip  # micro-batching only changes the order of a float sum; the others, no number at all
+    "plot_steps", "cpu_threads", "micro_batch_groups", "gradient_checkpointing", "compile_decode", "eval_dataset",
+    "eval_prompts", "eval_steps",
+}  # fmt: skip  # micro-batching only changes the order of a float sum; the others, no trained number (evaluation
+# draws no random number and changes no weight: heldout.py)
 
 
 # Fields added later whose default is not what the code did before them: a checkpoint without the field ran so.

@@ -94,16 +94,23 @@ def truncate(path: Path, last_step: int) -> None:
         write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def plot_rewards(metrics_path: Path, png_path: Path, title: str = "GRPO reward") -> None:
-    """Mean reward per step (with a +-std band) and its moving average, written to `png_path`. Steps whose reward
-    is not finite (null in metrics.jsonl) are left out."""
+    """Mean reward per step (with a +-std band) and its moving average, beside the held-out evaluations' mean
+    reward and pass rate (eval_* fields, heldout.py), written to `png_path`. Steps whose reward is not finite (null
+    in metrics.jsonl) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_jsonl(metrics_path) if isinstance(r.get("reward"), (int, float))]
-    if not rows:
+    logged = read_jsonl(metrics_path)
+    rows = [r for r in logged if _number(r.get("reward"))]
+    evals = [r for r in logged if _number(r.get("eval_reward"))]
+    if not rows and not evals:
         return
     steps = [r["step"] for r in rows]
     mean = [r["reward"] for r in rows]
@@ -112,11 +119,13 @@ def plot_rewards(metrics_path: Path, png_path: Path, title: str = "GRPO reward")
     smooth = [sum(mean[max(0, i - k + 1) : i + 1]) / len(mean[max(0, i - k + 1) : i + 1]) for i in range(len(mean))]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
-    ax.plot(steps, mean, lw=0.8, alpha=0.6, label="mean reward")
-    ax.plot(steps, smooth, lw=2, label=f"moving average ({k} steps)")
-    ax.set(xlabel="step", ylabel="reward", title=title)
+    ax.plot(steps, mean, lw=0.8 if k > 1 else 1.5, alpha=0.6 if k > 1 else 1.0, label="mean reward (sampled)")
+    if k > 1:  # a 1-step average is the mean line again
+        ax.plot(steps, smooth, lw=2, label=f"moving average ({k} steps)")
+    _plot_evals(ax, evals)
+    ax.set(xlabel="step", ylabel="reward" + (" / pass rate" if evals else ""), title=title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     tmp = Path(png_path).with_suffix(".tmp.png")
     try:
@@ -126,6 +135,21 @@ def plot_rewards(metrics_path: Path, png_path: Path, title: str = "GRPO reward")
         plt.close(fig)
     with writing(png_path):
         tmp.replace(png_path)  # a viewer never sees a half-written PNG
+
+
+def _plot_evals(ax, evals: list[dict]) -> None:
+    """The held-out evaluations on the training reward's axes (greedy completions of the same prompts each time)."""
+    if not evals:
+        return
+    held = f"held-out ({evals[-1].get('eval_prompts')} prompts, greedy)"
+    steps, reward = [r["step"] for r in evals], [r["eval_reward"] for r in evals]
+    passed = [(r["step"], r["eval_pass_rate"]) for r in evals if _number(r.get("eval_pass_rate"))]
+    if passed == list(zip(steps, reward)):  # a 0/1 reward: one line says both
+        ax.plot(steps, reward, "o-", ms=4, lw=1.2, label=f"{held} pass rate = mean reward")
+        return
+    ax.plot(steps, reward, "o-", ms=4, lw=1.2, label=f"{held} mean reward")
+    if passed:
+        ax.plot(*zip(*passed), "s--", ms=4, lw=1.2, label=f"{held} pass rate")
 
 
 def try_plot(metrics_path: Path, png_path: Path) -> None:

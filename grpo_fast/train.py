@@ -12,6 +12,8 @@ groups. The loss is fused_linear_grpo_loss on shared-prefix packed hidden states
 group, logits never materialized), with every TRL 1.16 loss type and option reduced over the whole step's batch
 (accumulation.py); old and reference log-probs come from no-grad fused passes. Recipe presets (config.py): dapo,
 gspo, dr_grpo, cispo.
+Held-out evaluation (heldout.py): greedy completions of held-out prompts scored by the same rewards, at step 0, every
+`eval_steps` steps and after the last, as eval_* fields of metrics.jsonl.
 Output directory: metrics.jsonl, reward_curve.png, samples.jsonl, config.json, checkpoints/, final/.
 Bad input stops before the model loads (config.validate, dataset_rows, resume.plan) with exit status 2 and one
 line; SIGINT/SIGTERM stop at a step boundary with a checkpoint (interrupt.py); --resume is exact (resume.py).
@@ -21,7 +23,7 @@ samples and scores its contiguous share of the step's prompts (whole groups), ad
 rank's rewards, the loss is normalized by global counts, gradients are summed over ranks (ddp) or the
 policy is sharded (--parallel fsdp2); metrics are reduced over ranks and rank 0 alone writes files.
 
-Deliberately left out: vLLM rollouts, reward models, evaluation loops, tensor/pipeline parallelism.
+Deliberately left out: vLLM rollouts, reward models, sampled (non-greedy) evaluation, tensor/pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from tqdm import tqdm
 from . import checkpoint, config, data, dataset_rows, distributed, guard, interrupt, policy, resume, rewards, run_log
 from .accumulation import accumulate, logps
 from .dynamic_sampling import Batch, collect, concat, gather_rollout, kept_share
+from .heldout import HeldOut
 from .loss import group_advantages
 from .rollout import NonFiniteLogits, Rollout, generate_groups
 from .rollout_agreement import agreement_metrics
@@ -85,7 +88,7 @@ def sample(model, prompt_ids: list, cfg, tokenizer, generator, first: int = 0) -
     rollout_groups divides every rank's share, and ranks draw different streams."""
     kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     kw |= dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator)
-    kw |= dict(return_logps=True, compile_decode={"auto": None, "on": True, "off": False}[cfg.compile_decode])
+    kw |= dict(return_logps=True, compile_decode=config.COMPILE_DECODE[cfg.compile_decode])
     n, rolls = cfg.rollout_groups or len(prompt_ids), []
     model.eval()
     try:
@@ -271,7 +274,8 @@ def save(cfg, ckpt_dir: Path, done: int, model, optimizer, scheduler, gen, posit
 
 def setup(cfg: config.Config, out: Path):
     """Everything that can fail without a model, in order of cost: the output directory, the tokenizer, every
-    dataset row (checked and encoded), the reward functions (dry run), the checkpoint to resume from."""
+    dataset row (checked and encoded), the reward functions (dry run), the held-out rows, the checkpoint to resume
+    from."""
     if distributed.is_main():
         run_log.prepare(out)
     tokenizer = policy.load_tokenizer(cfg.model)
@@ -280,7 +284,8 @@ def setup(cfg: config.Config, out: Path):
     dataset_rows.check_answers(rows, cfg)
     funcs, weights = rewards.configured(cfg)
     dataset_rows.dry_run(funcs, weights, rows, cfg)
-    return tokenizer, rows, encoded, funcs, weights, resume.plan(cfg, out)
+    held = HeldOut.load(cfg, tokenizer, funcs, weights)
+    return tokenizer, rows, encoded, funcs, weights, held, resume.plan(cfg, out)
 
 
 @interrupt.catching
@@ -299,7 +304,7 @@ def run(cfg: config.Config) -> list[dict]:
     seed_all(cfg.seed)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    tokenizer, rows, encoded, funcs, weights, candidates = setup(cfg, out)
+    tokenizer, rows, encoded, funcs, weights, held, candidates = setup(cfg, out)
     model, ref = policy.load_policy(cfg, tokenizer, device)
     transformers.utils.logging.disable_progress_bar()  # checkpoint writes would break the run's own bar
     policy.check_positions(model, cfg.max_prompt_length, cfg.max_new_tokens)
@@ -314,6 +319,10 @@ def run(cfg: config.Config) -> list[dict]:
     if main:
         run_log.write_text(out / "config.json", json.dumps(config.to_dict(cfg), indent=2))
     written, show = [], cfg.progress and main
+    if step == 0 and held.due(0):  # the policy before training: its own row
+        written.append({"step": 0, **held.after(model, 0)})
+        if main:
+            run_log.append_jsonl(metrics_path, written[-1])
     bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=not show, desc="grpo")
     signals = interrupt.signals()
     for step in bar:
@@ -330,6 +339,7 @@ def run(cfg: config.Config) -> list[dict]:
             last = checkpoint.latest(ckpt_dir) or "none"
             raise ValueError(f"training diverged at step {step + 1}: {e}; last checkpoint (finite): {last}") from None
         position += drawn
+        row |= held.after(model, step + 1)  # before the step's checkpoint: a resumed run never misses it
         written.append(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         done = step + 1
@@ -343,6 +353,8 @@ def run(cfg: config.Config) -> list[dict]:
         if main and ((cfg.plot_steps and done % cfg.plot_steps == 0) or done == cfg.max_steps):
             run_log.try_plot(metrics_path, out / "reward_curve.png")  # after the checkpoint: never in its way
     save_final(model, tokenizer, out)
+    if main:
+        held.summary(metrics_path)
     return written
 
 

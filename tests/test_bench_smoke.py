@@ -127,3 +127,25 @@ def test_grpo_companions_hit_both_clip_branches():
     assert (ratio[active] < 0.8).any() and (ratio[active] > 1.28).any()
     assert comp["completion_mask"].sum(1).min() >= 1
     assert comp["advantages"].shape == (8,) and torch.isfinite(comp["advantages"]).all()
+
+
+@pytest.mark.slow
+def test_smollm2_suite_runs_both_trainers_in_their_own_processes(tmp_path):
+    """bench/bench_smollm2.py --quick (a tiny Llama on the reverse task): a row per trainer, each with its step times,
+    rewards and its own process's peak RSS, and the ratios the README quotes."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "bench/bench_smollm2.py", "--quick", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = {r["provider"]: r for r in summary["rows"]}
+    assert set(rows) == {"grpo_fast", "trl"}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert len(r["step_ms"]) == len(r["rewards"]) == 2 and r["reps"] == 1  # the first step is not timed
+        assert all(0 <= x <= 1 for x in r["rewards"]) and r["peak_rss_mb"] > 100  # torch alone is more
+        assert r["lo_ms"] == r["median_ms"] == r["hi_ms"] == r["step_ms"][1]
+    ours, trl = rows["grpo_fast"], rows["trl"]
+    assert ours["trl_over_grpo_fast_time"] == pytest.approx(trl["median_ms"] / ours["median_ms"])
+    assert ours["trl_over_grpo_fast_rss"] == pytest.approx(trl["peak_rss_mb"] / ours["peak_rss_mb"])
+    assert [f.name for f in tmp_path.glob("*.json")] == [f"smollm2_cpu_{summary['env']['date'][:10]}.json"]

@@ -106,7 +106,8 @@ def test_ddp_two_ranks_equal_one_process(tmp_path):
     rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # replicas never drift
     one = single(tmp_path, values)
-    assert any(r["reward_std"] > 0 and r["grad_norm"] > 0 for r in one)  # a real signal went through
+    assert one[0]["step"] == 0 and "eval_pass_rate" in one[0]  # step 0: the held-out evaluation alone
+    assert any(r["reward_std"] > 0 and r["grad_norm"] > 0 for r in one[1:])  # a real signal went through
     assert_same_run(out, tmp_path / "single", one, rtol=1e-5, atol=1e-6)
     state = json.loads((checkpoint.latest(out / "checkpoints") / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 3
@@ -142,7 +143,7 @@ def test_fsdp2_two_ranks_with_resume_equal_one_process(tmp_path):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     one = single(tmp_path, values)
     assert_same_run(out, tmp_path / "single", one, rtol=1e-4, atol=1e-5)
-    assert len(one) == 3
+    assert [r["step"] for r in one] == [0, 1, 2, 3]  # step 0: the held-out evaluation, on every rank (fsdp2)
 
 
 @pytest.mark.slow
@@ -164,7 +165,8 @@ def test_dynamic_sampling_and_entropy_quantile_two_ranks_equal_one_process(tmp_p
     run = torchrun(tmp_path, values | dict(output_dir=str(out)))
     assert run.returncode == 0, run.stderr[-3000:]
     one = single(tmp_path, values)
-    assert sum(r["extra_prompts"] for r in one) > 0 and all(r["groups_trained"] == 4 for r in one)
+    trained = one[1:]  # one[0]: step 0's held-out evaluation
+    assert sum(r["extra_prompts"] for r in trained) > 0 and all(r["groups_trained"] == 4 for r in trained)
     assert_same_run(out, tmp_path / "single", one, rtol=1e-5, atol=1e-6)
 
 

@@ -11,7 +11,7 @@ from gguf_files import write_tiny_llama
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_fast import checkpoint, gguf_models, policy, run_log, train
+from grpo_fast import checkpoint, data, gguf_models, policy, rewards, run_log, train
 from grpo_fast.config import Config
 
 pytestmark = pytest.mark.usefixtures("trainer_cpu_path")
@@ -96,7 +96,9 @@ def test_tiny_gguf_trains_resumes_and_final_loads_back(tmp_path, monkeypatch, lo
     write_tiny_llama(path)
     resumed, trained = interrupted_then_resumed(gguf_cfg(path, out, lora=lora), monkeypatch)
     assert [r["step"] for r in resumed] == [2]
-    assert [r["step"] for r in run_log.read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    rows = run_log.read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: the held-out evaluation (the task's 4 held-out sums)
+    assert [r["step"] for r in rows if "eval_pass_rate" in r] == [0, 2] and rows[-1]["eval_prompts"] == 4
     assert checkpoint.latest(out / "checkpoints").name == "checkpoint-0000002"
     final = out / "final"
     if lora:
@@ -124,7 +126,7 @@ def test_smollm2_gguf_lora_trains_checkpoints_resumes_and_reloads(smollm2_gguf, 
     cfg = gguf_cfg(smollm2_gguf, out, max_new_tokens=8, learning_rate=1e-4, lora_rank=8)
     resumed, trained = interrupted_then_resumed(cfg, monkeypatch)
     rows = run_log.read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2] and all(r["skipped"] == 0 for r in rows)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(r["skipped"] == 0 for r in rows[1:])
     base = trained["model"].get_base_model()
     assert base.dtype == torch.float32 and base.config.num_hidden_layers == 30  # SmolLM2-135M, dequantized
     back, tok = load_back(smollm2_gguf, out / "final"), AutoTokenizer.from_pretrained(out / "final")
@@ -133,3 +135,13 @@ def test_smollm2_gguf_lora_trains_checkpoints_resumes_and_reloads(smollm2_gguf, 
     with torch.no_grad():
         answer = back.generate(x, max_new_tokens=8, do_sample=False)[0, x.shape[1] :]
     assert "4" in tok.decode(answer, skip_special_tokens=True)  # the instruct model still answers
+    # the last held-out evaluation (through the engine, in the run) equals the reloaded policy's own greedy generate
+    held = data.load("arithmetic", None, "test", "prompt", "answer", cfg)
+    scores = []
+    for row in held:
+        x = torch.tensor([policy.encode_prompt(tok, row["prompt"], None, cfg.max_prompt_length)])
+        with torch.no_grad():
+            ids = back.generate(x, max_new_tokens=cfg.max_new_tokens, do_sample=False)[0, x.shape[1] :]
+        scores += rewards.math_reward(None, [tok.decode(ids, skip_special_tokens=True)], answer=[row["answer"]])
+    assert rows[-1]["eval_prompts"] == len(held) == 4
+    assert rows[-1]["eval_pass_rate"] == pytest.approx(sum(scores) / len(scores))

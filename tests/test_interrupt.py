@@ -3,8 +3,10 @@ checkpoint of the last completed step, the exit status 130 / 143 and the command
 exits at once. A run interrupted by SIGINT, resumed with the printed command, interrupted again by SIGTERM and
 resumed to the end equals the uninterrupted run: metrics rows and final weights.
 
-The signals are real: a reward function sends them to its own process (`killer.py`) at a chosen call (call 1 is
-the dry run before training, call k + 1 is step k), so the step where they land is deterministic.
+The signals are real: a reward function sends them to its own process (`killer.py`) at a chosen call, so the step
+where they land is deterministic. With held-out evaluations every 2 steps the calls of a fresh run are: 1 the dry run
+of the training rows, 2 that of the held-out rows, 3 the evaluation of step 0, then steps 1, 2, evaluation 2, 3, 4, ...
+(a resumed run: the two dry runs, then its steps and evaluations).
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ def reverse(prompts, completions, completion_ids, *, answer, **kw):
         for _ in range(int(os.environ.get("KILL_TIMES", "1"))):
             os.kill(os.getpid(), getattr(signal, os.environ["KILL_SIGNAL"]))
     return reverse_reward(prompts, completions, completion_ids, answer=answer)
+reverse.max_reward = 1.0
 """
 TIMINGS = {"tokens_per_s", "rollout_s", "update_s", "peak_mem_mb"}
 
 
 def argv(out) -> list[str]:
     return ["--no-progress", "--max-steps", "6", "--save-steps", "4", "--prompts-per-step", "2", "--group-size", "2",
-            "--log-samples-steps", "1", "--rewards", "killer:reverse", "--output-dir", str(out)]  # fmt: skip
+            "--log-samples-steps", "1", "--rewards", "killer:reverse", "--eval-steps", "2",
+            "--output-dir", str(out)]  # fmt: skip
 
 
 @pytest.fixture
@@ -67,7 +71,7 @@ def test_sigint_then_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path, 
     assert train.main(argv(want)) == 0
 
     cmd = [sys.executable, "-m", "grpo_fast.train", *argv(out)]
-    first = subprocess_run(cmd, tmp_path, KILL_AT_CALL="3", KILL_SIGNAL="SIGINT")  # lands in step 2
+    first = subprocess_run(cmd, tmp_path, KILL_AT_CALL="5", KILL_SIGNAL="SIGINT")  # lands in step 2
     assert first.returncode == 130, first.stderr
     assert "SIGINT received: stopping after the step under way" in first.stderr
     assert f"stopped after step 2; checkpoint: {out / 'checkpoints' / 'checkpoint-0000002'}" in first.stderr
@@ -75,17 +79,19 @@ def test_sigint_then_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path, 
     resume = re.search(r"resume with: (.*)", first.stderr).group(1)
     assert resume.endswith("--resume") and shlex.split(resume)[1:] == ["-m", "grpo_fast.train", *argv(out), "--resume"]
 
-    second = subprocess_run(shlex.split(resume), tmp_path, KILL_AT_CALL="4", KILL_SIGNAL="SIGTERM")  # step 5
+    second = subprocess_run(shlex.split(resume), tmp_path, KILL_AT_CALL="6", KILL_SIGNAL="SIGTERM")  # step 5
     assert second.returncode == 143, second.stderr
     assert f"stopped after step 5; checkpoint: {out / 'checkpoints' / 'checkpoint-0000005'}" in second.stderr
     assert [p.name for p in checkpoint.all_checkpoints(out / "checkpoints")] == ["checkpoint-0000004",
                                                                                  "checkpoint-0000005"]  # fmt: skip
 
     assert train.main([*argv(out), "--resume"]) == 0
-    for log in run_log.LOGS:
+    for log, steps in zip(run_log.LOGS, ([0, 1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6])):
         got, ref = (run_log.read_jsonl(p / log) for p in (out, want))
-        assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+        assert [r["step"] for r in got] == steps
         assert comparable(got) == comparable(ref), log
+    evals = [r for r in run_log.read_jsonl(out / "metrics.jsonl") if "eval_pass_rate" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4, 6]  # each held-out evaluation once, across three processes
     final, ref = (load_file(p / "final" / "model.safetensors") for p in (out, want))
     assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in ref)
 
@@ -93,7 +99,7 @@ def test_sigint_then_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path, 
 def test_a_second_signal_exits_at_once(tmp_path, capsys, killer, monkeypatch):
     """Two SIGINTs in step 2: no checkpoint of step 2 (the one of step 1 stays), exit 130, the resume command."""
     out = tmp_path / "run"
-    monkeypatch.setenv("KILL_AT_CALL", "3")
+    monkeypatch.setenv("KILL_AT_CALL", "5")
     monkeypatch.setenv("KILL_SIGNAL", "SIGINT")
     monkeypatch.setenv("KILL_TIMES", "2")
     rc = train.main([*argv(out), "--save-steps", "1"])
@@ -101,7 +107,7 @@ def test_a_second_signal_exits_at_once(tmp_path, capsys, killer, monkeypatch):
     assert rc == 130, err
     assert "SIGINT again: exiting at once" in err and "resume with: " in err and "Traceback" not in err
     assert checkpoint.latest(out / "checkpoints").name == "checkpoint-0000001"
-    assert [r["step"] for r in run_log.read_jsonl(out / "metrics.jsonl")] == [1]
+    assert [r["step"] for r in run_log.read_jsonl(out / "metrics.jsonl")] == [0, 1]
 
 
 def test_interrupt_before_the_first_step_saves_nothing(tmp_path, capsys, killer, monkeypatch):

@@ -18,7 +18,8 @@ IS_STATS = {"importance_sampling_ratio_min", "importance_sampling_ratio_mean", "
 
 def test_mismatch_logged_every_step_at_fp32_rounding(tmp_path):
     rows = train.run(tiny_cfg(tmp_path, max_steps=2))
-    for r in rows:
+    assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: the held-out evaluation alone, no rollout
+    for r in rows[1:]:
         assert AGREEMENT <= set(r) and not IS_STATS & set(r)
         assert 0 < r["rollout_logp_diff_max"] < 1e-4 and r["rollout_logp_diff_mean"] <= r["rollout_logp_diff_max"]
         assert r["rollout_ratio_outside"] == 0
@@ -35,7 +36,7 @@ def test_old_logps_from_rollout_skips_the_old_forward_and_equals_training(tmp_pa
     old_forwards = len(calls)
     by_rollout = train.run(tiny_cfg(tmp_path / "r", old_logps_from="rollout", **cfg))
     assert old_forwards == 2 * 2 and len(calls) == old_forwards  # 2 steps x 2 micro-batches, then none
-    for t, r in zip(by_training, by_rollout):
+    for t, r in zip(by_training[1:], by_rollout[1:], strict=True):  # [0]: step 0's held-out evaluation
         assert IS_STATS <= set(r)
         for k in IS_STATS:
             assert r[k] == pytest.approx(1.0, abs=1e-4), k

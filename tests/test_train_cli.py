@@ -15,7 +15,7 @@ import pytest
 from test_train_run import char_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo_fast import config, train
+from grpo_fast import config, heldout, train
 
 pytestmark = pytest.mark.usefixtures("trainer_cpu_path")
 
@@ -51,6 +51,8 @@ FILES = {  # name -> text
     "words.csv": "prompt,answer\nabc=,cba\n",
     "words.txt": "abc=\n",
     "empty.jsonl": "",
+    "with-extra.jsonl": jsonl([r | {"extra": 1} for r in task_rows()]),
+    "held.jsonl": jsonl(task_rows()[:4]),
     "lora-false.yaml": 'lora: "false"\n',
     "lora-no.json": json.dumps({"lora": "no"}),
     "bias-yes.yaml": 'use_bias_correction_kl: "yes"\n',
@@ -73,6 +75,7 @@ def words(prompts, completions, completion_ids, **kw): return ["good" for _ in c
 def dicts(prompts, completions, completion_ids, **kw): return [{"r": 1} for _ in completions]
 def complex_(prompts, completions, completion_ids, **kw): return [1j for _ in completions]
 def pairs(prompts, completions, completion_ids, **kw): return torch.ones(len(completions), 2)
+def extra(prompts, completions, completion_ids, *, extra, **kw): return [float(e) for e in extra]
 """,
 }
 
@@ -210,6 +213,28 @@ CASES = [
      r"dynamic_sampling_max_batches must be >= 1, got 0"),
     ("preset-unknown", ["--preset", "dapo", "ppo"], r"--preset must name presets of \[.*\], got \['ppo'\]"),
     ("top-p-zero", ["--top-p", "0"], r"top_p must be in \(0, 1\]"),
+    ("preset-without-its-model", ["--preset", "smollm2-arithmetic"],
+     r"--preset smollm2-arithmetic needs --model: the SmolLM2-135M-Instruct GGUF file \(README\) or Hugging"),
+    # issue 10: held-out evaluation
+    ("eval-prompts-negative", ["--eval-prompts=-1"], r"eval_prompts must be >= 0, got -1"),
+    ("eval-steps-negative", ["--eval-steps=-5"], r"eval_steps must be >= 0, got -5"),
+    ("eval-dataset-empty", ["--eval-dataset", " "], r"eval_dataset must not be empty"),
+    ("eval-dataset-without-prompts", ["--eval-dataset", "reverse", "--eval-prompts", "0"],
+     r"eval_dataset is 'reverse' but eval_prompts is 0: nothing would be evaluated"),
+    ("eval-dataset-hub-id", ["--eval-dataset", "org/held-out"],
+     r"eval_dataset must be a built-in task \(reverse, gsm8k, arithmetic, countdown\) or a local .*'org/held-out'"),
+    ("eval-dataset-text-file", ["--eval-dataset", "{tmp}/words.txt"], r"eval_dataset must be a built-in task"),
+    ("eval-dataset-missing-file", ["--eval-dataset", "{tmp}/nope.jsonl"],
+     r"eval_dataset '.*nope.jsonl': dataset: no such file"),
+    ("eval-dataset-is-the-training-file", ["--dataset", "{tmp}/words.csv", "--eval-dataset", "{tmp}/words.csv"],
+     r"eval_dataset '.*words.csv' is the training dataset: held-out prompts must be others"),
+    ("eval-dataset-trained-on", ["--dataset-split", "test", "--eval-dataset", "reverse"],
+     r"eval_dataset 'reverse' is its held-out split, which this run trains on"),
+    ("eval-dataset-row-without-answer", ["--eval-dataset", "{tmp}/no-answer.jsonl"],
+     r"eval_dataset '.*no-answer.jsonl': dataset row 9: no answer in column 'answer'"),
+    ("eval-dataset-reward-fails",
+     ["--dataset", "{tmp}/with-extra.jsonl", "--rewards", "rw:extra", "--eval-dataset", "{tmp}/held.jsonl"],
+     r"eval_dataset .*held.jsonl': reward function 'rw:extra' raised"),
     # argparse's own errors: exit 2 with its usage line
     ("flag-not-an-int", ["--group-size", "abc"], r"argument --group-size: invalid int value: 'abc'"),
     ("flag-unknown", ["--no-such-flag"], r"unrecognized arguments: --no-such-flag"),
@@ -314,3 +339,13 @@ def test_resume_from_a_checkpoint_older_than_the_kl_bias_correction(tmp_path, ca
     shutil.rmtree(out / "checkpoints" / "checkpoint-0000003")
     rc, err = run_cli(tmp_path, capsys, ["--max-steps", "3", "--resume"], out=out)
     assert rc == 0 and "resumed from" in err, err
+
+
+def test_the_smollm2_preset_takes_the_model_it_is_given(tmp_path):
+    """The preset names no model (the user's GGUF file or hub id): --model is used, the tiny base never applies."""
+    gguf = str(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    cfg = config.parse(["--preset", "smollm2-arithmetic", "--model", gguf, "--max-steps", "3"])
+    assert cfg.model == gguf and cfg.max_steps == 3 and cfg.lora  # flags after the preset win
+    preset = {k: v for k, v in config.PRESETS["smollm2-arithmetic"].items() if k != "max_steps"}
+    assert all(getattr(cfg, k) == v for k, v in preset.items())
+    assert heldout.source(cfg) == ("arithmetic", "test")  # its evaluations: the task's held-out split

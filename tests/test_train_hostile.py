@@ -84,7 +84,8 @@ def test_d9_max_steps_may_grow_without_an_update_at_lr_0(tmp_path, capsys):
     assert rc == 0, err
     assert "resume: max_steps: 2 -> 4" in err
     rows = run_log.read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # step 0: the held-out evaluation before training
+    rows = rows[1:]
     cfg = Config(**{**PRESETS["tiny"], "max_steps": 4})
     opt, sched = schedule.make_optimizer(cfg, tiny.build_model(tiny.build_tokenizer()))
     want = []
@@ -149,9 +150,9 @@ def test_d13_d14_torn_logs_are_tolerated_and_samples_truncated_on_resume(tmp_pat
     rc, err = cli(out, capsys, *args, "--resume")
     assert rc == 0, err
     assert "metrics.jsonl: dropping a torn last line" in err and "samples.jsonl: dropping a torn last line" in err
-    for log in run_log.LOGS:
+    for log, first in zip(run_log.LOGS, (0, 1)):  # metrics.jsonl: step 0 is the held-out evaluation before training
         got, want = (run_log.read_jsonl(p / log) for p in (out, tmp_path / "want"))
-        assert [r["step"] for r in got] == [1, 2, 3, 4]  # each step once (D14: samples were not truncated)
+        assert [r["step"] for r in got] == list(range(first, 5))  # each step once (D14: samples were not truncated)
         assert comparable(got) == comparable(want)
 
 
@@ -177,7 +178,7 @@ def test_d16_diverged_weights_stop_with_the_step_and_write_no_broken_checkpoint(
     assert rc == 2 and "Traceback" not in err
     assert f"training diverged at step 2: non-finite weights after the update; last checkpoint (finite): {out}" in err
     assert [p.name for p in checkpoint.all_checkpoints(out / "checkpoints")] == ["checkpoint-0000001"]
-    assert not (out / "final").exists() and len(run_log.read_jsonl(out / "metrics.jsonl")) == 1
+    assert not (out / "final").exists() and [r["step"] for r in run_log.read_jsonl(out / "metrics.jsonl")] == [0, 1]
     weights = load_file(out / "checkpoints" / "checkpoint-0000001" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
 
@@ -188,7 +189,7 @@ def test_d16_diverged_logits_in_the_rollout(tmp_path, capsys):
     rc, err = cli(tmp_path / "run", capsys, "--max-steps", 4, "--save-steps", 1, "--learning-rate", "1e30")
     assert rc == 2 and "Traceback" not in err
     rows = run_log.read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    step = 1 + next(r["step"] for r in rows if r["grad_norm"] > 0)
+    step = 1 + next(r["step"] for r in rows if r.get("grad_norm", 0) > 0)  # step 0's row: the evaluation alone
     assert f"diverged at step {step}: generate_groups: the model's next-token logits are NaN or infinite" in err, err
     assert f"checkpoint-{step - 1:07d}" in err  # the last good checkpoint is named
 
@@ -199,7 +200,7 @@ def test_d17_an_overflowing_reward_mean_is_logged_as_null_and_the_run_completes(
     out = tmp_path / "run"
     rc, err = cli(out, capsys, "--max-steps", 2, "--prompts-per-step", 4, "--rewards", "huge:half", "--plot-steps", 1)
     assert rc == 0, err
-    assert [r["reward"] for r in run_log.read_jsonl(out / "metrics.jsonl")] == [None, None]
+    assert [r["reward"] for r in run_log.read_jsonl(out / "metrics.jsonl") if r["step"]] == [None, None]
     assert checkpoint.latest(out / "checkpoints").name == "checkpoint-0000002" and (out / "final").is_dir()
 
 
@@ -208,7 +209,7 @@ def test_d22_resume_without_a_checkpoint_says_so_and_starts_at_step_0(tmp_path, 
     rc, err = cli(out, capsys, "--max-steps", 1, "--resume")
     assert rc == 0, err
     assert f"resume: no checkpoint under {out / 'checkpoints'}: starting at step 0" in err
-    assert [r["step"] for r in run_log.read_jsonl(out / "metrics.jsonl")] == [1]
+    assert [r["step"] for r in run_log.read_jsonl(out / "metrics.jsonl")] == [0, 1]
 
 
 def test_d11_a_local_csv_trains(tmp_path, capsys):
@@ -232,7 +233,7 @@ def test_a_nan_loss_is_reported_and_not_applied(tmp_path, capsys, monkeypatch):
     rc, err = cli(out, capsys, "--max-steps", 2)
     assert rc == 0, err
     assert "non-finite loss (nan)" in err and "update not applied" in err
-    assert [r["skipped"] for r in run_log.read_jsonl(out / "metrics.jsonl")] == [1, 1]
+    assert [r.get("skipped") for r in run_log.read_jsonl(out / "metrics.jsonl")] == [None, 1, 1]  # None: step 0
     final = load_file(out / "final" / "model.safetensors")
     initial = tiny.build_model(tiny.build_tokenizer(), 0).state_dict()
     assert all(torch.equal(final[k], initial[k]) for k in final)

@@ -181,7 +181,7 @@ def test_dynamic_sampling_trains_only_informative_groups(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(train, "accumulate", spy)
     cfg = tiny_cfg(tmp_path, rewards=["gate:gated"], dynamic_sampling=True, max_steps=4, save_steps=4)
-    rows = train.run(cfg)
+    rows = train.run(cfg)[1:]  # after step 0's held-out evaluation
     tok, position = tiny.build_tokenizer(), 0
     for row, step in zip(rows, trained):
         groups = [(p, a) for prompts, adv in step for p, a in zip(prompts, adv.view(-1, cfg.group_size))]
@@ -204,7 +204,7 @@ def test_dynamic_sampling_cap_trains_on_what_was_found(tmp_path, capsys, gate, r
     """flat: no group is ever informative, no update at all (weights untouched); rare: fewer than prompts_per_step
     informative groups in dynamic_sampling_max_batches batches, the step trains on those and says so."""
     cfg = tiny_cfg(tmp_path, rewards=[f"gate:{reward}"], dynamic_sampling=True, dynamic_sampling_max_batches=2)
-    rows = train.run(cfg)
+    rows = train.run(cfg)[1:]  # after step 0's held-out evaluation
     err = capsys.readouterr().err
     assert all(r["sampling_batches"] == 2 and r["groups_trained"] < cfg.prompts_per_step for r in rows)
     for r in rows:
@@ -225,7 +225,7 @@ def test_dynamic_sampling_resume_is_exact(tmp_path, capsys, monkeypatch, gate):
     args = ("--rewards", "gate:gated", "--dynamic-sampling", "--max-steps", 4, "--save-steps", 2)
     assert cli(tmp_path / "want", capsys, *args)[0] == 0
     want = run_log.read_jsonl(tmp_path / "want" / "metrics.jsonl")
-    assert any(r["extra_prompts"] for r in want[2:])  # the resumed steps resample too
+    assert any(r["extra_prompts"] for r in want[3:])  # the resumed steps resample too (want[0]: step 0's evaluation)
     out = tmp_path / "run"
     interrupted_run(out, capsys, monkeypatch, 3, *args)
     rc, err = cli(out, capsys, *args, "--resume")
@@ -262,7 +262,7 @@ def test_recipe_presets_train_the_embedded_default(tmp_path, preset):
         cfg.dataset == "reverse" and cfg.model == "" and all(getattr(cfg, k) == v for k, v in PRESETS[preset].items())
     )
     rows = train.run(cfg)
-    assert [r["step"] for r in rows] == [1, 2]
-    for r in rows:
+    assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: the held-out evaluation before training
+    for r in rows[1:]:
         assert r["skipped"] == 0 and math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
         assert all(math.isfinite(v) for v in r.values() if isinstance(v, float))

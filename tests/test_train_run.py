@@ -25,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("trainer_cpu_path")
 
 def tiny_cfg(tmp_path, **kw) -> Config:
     small = dict(prompts_per_step=4, micro_batch_groups=2, group_size=4, max_steps=3, save_steps=0, cpu_threads=0)
+    small["eval_prompts"] = 8  # the held-out evaluations at step 0 and the end, on fewer prompts (CPU time)
     return dataclasses.replace(
         Config(**PRESETS["tiny"]), output_dir=str(tmp_path / "run"), progress=False, **(small | kw)
     )
@@ -33,8 +34,10 @@ def tiny_cfg(tmp_path, **kw) -> Config:
 def test_embedded_default_runs(tmp_path):
     rows = train.run(tiny_cfg(tmp_path, max_steps=3))
     out = tmp_path / "run"
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # step 0: the held-out evaluation before training
+    assert [r["step"] for r in rows if "eval_pass_rate" in r] == [0, 3]  # and after the last step (test_heldout.py)
     assert run_log.read_jsonl(out / "metrics.jsonl") == json.loads(json.dumps(rows))
+    rows = rows[1:]
     assert METRIC_KEYS | {"reward_reverse_mean", "reward_reverse_std"} <= set(rows[0])
     assert all(0.0 <= r["reward"] <= 1.0 and r["grad_norm"] > 0 for r in rows)
     assert (out / "reward_curve.png").stat().st_size > 1000
@@ -88,8 +91,9 @@ def comparable(rows: list[dict]) -> list[dict]:
 
 
 def test_resume_gives_the_same_metrics(tmp_path, monkeypatch):
-    full = train.run(tiny_cfg(tmp_path / "a", max_steps=4, save_steps=2))
-    cfg = tiny_cfg(tmp_path / "b", max_steps=4, save_steps=2)
+    """Held-out evaluations included (step 0, every 2 steps): each once, equal to the uninterrupted run's."""
+    full = train.run(tiny_cfg(tmp_path / "a", max_steps=4, save_steps=2, eval_steps=2))
+    cfg = tiny_cfg(tmp_path / "b", max_steps=4, save_steps=2, eval_steps=2)
     real_step = train.train_step
 
     def stop_at_3(step, *args):
@@ -106,6 +110,8 @@ def test_resume_gives_the_same_metrics(tmp_path, monkeypatch):
     resumed = train.run(dataclasses.replace(cfg, resume=True))
     assert [r["step"] for r in resumed] == [3, 4]
     stitched = run_log.read_jsonl(tmp_path / "b" / "run" / "metrics.jsonl")
+    assert [r["step"] for r in stitched] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in stitched if "eval_reward" in r] == [0, 2, 4]
     assert comparable(stitched) == comparable(json.loads(json.dumps(full)))
 
 
@@ -151,7 +157,7 @@ def test_non_finite_gradient_is_reported_and_not_applied(tmp_path, monkeypatch, 
     monkeypatch.setattr(train, "accumulate", poisoned)
     cfg = tiny_cfg(tmp_path, max_steps=2)
     rows = train.run(cfg)
-    assert [r["skipped"] for r in rows] == [1, 1]
+    assert [r.get("skipped") for r in rows] == [None, 1, 1]  # step 0: the held-out evaluation
     assert "update not applied" in capsys.readouterr().err
     final = LlamaForCausalLM.from_pretrained(tmp_path / "run" / "final").state_dict()
     initial = tiny.build_model(tiny.build_tokenizer(), cfg.seed).state_dict()
