@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters
 
 from grpo_fast import decode, generate_groups, sampling, sequence_logps
 from grpo_fast.guard import check_model
+from grpo_fast.rollout import NonFiniteLogits
 
 G, BUDGET = 4, 12
 SAMPLING = {"llama": dict(temperature=0.9, top_k=40, top_p=0.95), "qwen2": dict(temperature=1.0)}
@@ -63,6 +64,12 @@ def test_compiled_decode_equals_eager(arch, tmp_path, monkeypatch, caplog):
     assert counters["stats"]["unique_graphs"] == graphs + 1
     assert torch.equal(again.completion_ids, rollout(model, 1, False, eos, **kw).completion_ids)
     assert not torch.equal(again.completion_ids, eager.completion_ids)
+    with torch.no_grad():  # non-finite logits: both decodes refuse the rollout alike (the compiled graph is reused)
+        model.model.norm.weight.fill_(float("nan"))
+    for compile_decode in (False, True):
+        with pytest.raises(NonFiniteLogits, match="NaN or infinite"):
+            rollout(model, 0, compile_decode, eos, **kw)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
 
 
 def test_host_sync_in_step_falls_back_with_one_line(tmp_path, monkeypatch, caplog):

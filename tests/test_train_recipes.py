@@ -220,6 +220,18 @@ def test_dynamic_sampling_cap_trains_on_what_was_found(tmp_path, capsys, gate, r
         assert any(r["groups_trained"] > 0 for r in rows)
 
 
+def test_dynamic_sampling_keeps_each_trained_rows_rollout_logps(tmp_path, gate):
+    """The rollout's log-probs follow the groups dynamic sampling keeps (batches concatenated, groups picked): under
+    old_logps_from=rollout each trained token's IS ratio is its own rollout log-prob against the training forward's,
+    so a row paired with another row's log-probs would show as a mismatch far above fp32 rounding."""
+    cfg = tiny_cfg(tmp_path, rewards=["gate:gated"], dynamic_sampling=True, old_logps_from="rollout", num_iterations=2)
+    rows = [r for r in train.run(cfg) if r["step"] > 0]
+    assert sum(r["extra_prompts"] for r in rows) > 0  # some steps drew more than one batch
+    for r in rows:
+        assert r["rollout_logp_diff_max"] < 1e-4 and r["rollout_ratio_outside"] == 0
+        assert abs(r["importance_sampling_ratio_min"] - 1) < 1e-4 and abs(r["importance_sampling_ratio_max"] - 1) < 1e-4
+
+
 def test_dynamic_sampling_resume_is_exact(tmp_path, capsys, monkeypatch, gate):
     """Killed when step 3 starts (checkpoint at 2), resumed: the same prompts, samples, metrics and weights."""
     args = ("--rewards", "gate:gated", "--dynamic-sampling", "--max-steps", 4, "--save-steps", 2)
